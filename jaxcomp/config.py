@@ -1,0 +1,156 @@
+"""The default experiment configuration and its validation.
+
+Experiment files in `configs/` start from `default_config()` and override a few
+fields. `validate_config` runs before any work, so a typo fails in a second with
+a message that names the field and the fix instead of after a compile.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from jaxcomp.models import DEPTHWISE_IMPLS, MODELS
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The common base: student detector on the embedded dataset at 128x128."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    # 'jaxcomp_embedded' (built offline on first use), 'voc/2007', 'coco/2017'.
+    config.data.name = "jaxcomp_embedded"
+    config.data.data_dir = config_dict.placeholder(str)
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+    config.data.image_size = 128
+    config.data.max_objects = 16
+    # Worker processes that decode and augment; 0 reads in the main process.
+    config.data.num_workers = 2
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "centernet_student"
+    # 'auto' picks nine shifted multiply-adds on CPU, XLA's grouped conv elsewhere.
+    config.model.depthwise_impl = "auto"
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 3000
+    config.train.batch_size = 16  # global, over all devices and hosts
+    config.train.log_every = 25
+    config.train.checkpoint_every = 500
+    config.train.keep_checkpoints = 3
+    config.train.eval_every = 0  # 0: evaluate only at the end
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 2e-3
+    config.optim.warmup_steps = 100
+    config.optim.weight_decay = 1e-4
+    config.optim.grad_clip_norm = 10.0
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.heatmap_weight = 1.0
+    config.loss.size_weight = 0.1
+    config.loss.offset_weight = 1.0
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 32
+    config.eval.top_k = 100
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid config: {message}")
+
+
+def _positive_int(config: ml_collections.ConfigDict, field: str) -> None:
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"config.{field} must be a positive integer, got {value!r}",
+    )
+
+
+def validate_config(config: ml_collections.ConfigDict, device_count: int) -> None:
+    """Raises ValueError naming the field and the fix for the first problem found.
+
+    Args:
+      config: the experiment config.
+      device_count: `jax.device_count()`, the number of devices the batch is split over.
+    """
+    _require(
+        config.model.name in MODELS,
+        f"config.model.name={config.model.name!r} is not a model; use one of {sorted(MODELS)}",
+    )
+    _require(
+        config.model.depthwise_impl in DEPTHWISE_IMPLS,
+        f"config.model.depthwise_impl={config.model.depthwise_impl!r}; "
+        f"use one of {DEPTHWISE_IMPLS}",
+    )
+    for field in (
+        "data.image_size",
+        "data.max_objects",
+        "train.steps",
+        "train.batch_size",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "eval.batch_size",
+        "eval.top_k",
+    ):
+        _positive_int(config, field)
+    _require(
+        config.data.image_size % 32 == 0,
+        f"config.data.image_size must be a multiple of 32 (the backbone's stride), "
+        f"got {config.data.image_size}; try {max(32, round(config.data.image_size / 32) * 32)}",
+    )
+    for field in ("train.batch_size", "eval.batch_size"):
+        section, name = field.split(".")
+        size = config[section][name]
+        _require(
+            size % device_count == 0,
+            f"config.{field}={size} is not divisible by the {device_count} devices; "
+            f"use a multiple of {device_count}",
+        )
+    _require(
+        config.train.eval_every >= 0,
+        f"config.train.eval_every must be >= 0 (0 = only at the end), got {config.train.eval_every}",
+    )
+    _require(
+        config.data.num_workers >= 0,
+        f"config.data.num_workers must be >= 0, got {config.data.num_workers}",
+    )
+    _require(
+        config.optim.learning_rate > 0,
+        f"config.optim.learning_rate must be > 0, got {config.optim.learning_rate}",
+    )
+    _require(
+        0 <= config.optim.warmup_steps < config.train.steps,
+        f"config.optim.warmup_steps={config.optim.warmup_steps} must be in "
+        f"[0, config.train.steps={config.train.steps})",
+    )
+    for name, weight in config.loss.items():
+        _require(weight >= 0, f"config.loss.{name} must be >= 0, got {weight}")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/config.py` or `path/to/config.py:arg` as `--config` flags do.
+
+    Args:
+      spec: a config file path, optionally followed by ':' and the argument of its
+        `get_config(arg)`.
+
+    Returns:
+      The ConfigDict.
+    """
+    import importlib.util
+    import os
+
+    path, _, argument = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist (from {spec!r})")
+    module_spec = importlib.util.spec_from_file_location("_jaxcomp_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(argument) if argument else module.get_config()

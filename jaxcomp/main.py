@@ -1,0 +1,49 @@
+r"""Command line: train and evaluate one experiment from a config file.
+
+Example:
+  python -m jaxcomp.main --config=configs/student.py --workdir=workdirs/student \
+      --config.train.steps=200
+
+Started again with the same --workdir, the run resumes from its latest checkpoint.
+On several hosts, run the same command on each host (see README).
+"""
+
+import json
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxcomp import train
+from jaxcomp.evaluation import format_metrics_table
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval results.")
+flags.DEFINE_bool(
+    "distributed", False,
+    "Call jax.distributed.initialize() first (multi-host GPU or TPU pod slice).",
+)
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
+                 jax.process_count())
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() != 0:
+        return
+    if result["preempted"]:
+        print(f"Stopped at step {result['step']}; checkpoint saved in {FLAGS.workdir}. "
+              "Run the same command again to resume.")
+        return
+    print(format_metrics_table({FLAGS.config.model.name: result["metrics"]}))
+    print(json.dumps({"step": result["step"], **result["metrics"]}))
+
+
+if __name__ == "__main__":
+    app.run(main)

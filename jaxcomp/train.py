@@ -1,0 +1,491 @@
+"""Training and evaluation as a library of small functions.
+
+`train_and_evaluate(config, workdir)` is the whole job; the pieces (state
+creation, the jitted sharded train and eval steps, checkpointing, logging) are
+separate so that notebooks, tests and later compression stages reuse them.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxcomp import evaluation, paths
+from jaxcomp.config import validate_config
+from jaxcomp.data import pipeline
+from jaxcomp.detection import decode_detections, detection_loss
+from jaxcomp.models import OUTPUT_STRIDE, create_model
+
+# Batch fields the train step reads; the rest stay on the host.
+TRAIN_FIELDS = ("image", "heatmap", "center_index", "size", "offset", "target_mask")
+EVAL_FIELDS = ("image", "boxes", "labels", "box_mask", "image_id", "valid")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint restores: step, parameters, BatchNorm statistics, optimizer."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: optax.OptState
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss becomes NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------
+# Mesh and data placement
+
+
+def make_mesh() -> Mesh:
+    """A 1-D mesh with a `data` axis over every device of every process."""
+    return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, fields: Iterable[str]):
+    """Assembles each process's rows into global arrays sharded over the `data` axis."""
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return {
+        name: jax.make_array_from_process_local_data(sharding, local_batch[name])
+        for name in fields
+    }
+
+
+# ---------------------------------------------------------------------------
+# Model, optimizer, state
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay; weight decay on conv/dense kernels only.
+
+    Args:
+      optim: `config.optim` (learning_rate, warmup_steps, weight_decay, grad_clip_norm).
+      total_steps: length of the cosine schedule.
+
+    Returns:
+      The optax transformation.
+    """
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=optim.learning_rate,
+        warmup_steps=optim.warmup_steps,
+        decay_steps=max(total_steps, optim.warmup_steps + 1),
+        end_value=optim.learning_rate * 0.01,
+    )
+    decay_mask = functools.partial(
+        paths.map_with_names, lambda name, _: name.endswith("kernel")
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(optim.grad_clip_norm),
+        optax.adamw(schedule, weight_decay=optim.weight_decay, mask=decay_mask),
+    )
+
+
+def create_train_state(
+    model: nn.Module, optimizer: optax.GradientTransformation, image_size: int, rng: jax.Array
+) -> TrainState:
+    """Initializes parameters, statistics and optimizer state (call under `jax.jit`).
+
+    Args:
+      model: the detector.
+      optimizer: the optax transformation.
+      image_size: side of the square input; parameters do not depend on it.
+      rng: PRNG key for parameter initialization.
+
+    Returns:
+      A TrainState at step 0.
+    """
+    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.uint8), train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=optimizer.init(params),
+    )
+
+
+def init_state(model, optimizer, image_size: int, seed: int, mesh: Mesh) -> TrainState:
+    """Creates the replicated initial TrainState with one jitted call (eager init is ~20x slower)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    init_fn = jax.jit(
+        functools.partial(create_train_state, model, optimizer, image_size),
+        out_shardings=replicated,
+    )
+    return init_fn(jax.random.key(seed))
+
+
+# ---------------------------------------------------------------------------
+# Steps
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    loss_weights: dict[str, float],
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a (global) batch.
+
+    Args:
+      state: the current TrainState.
+      batch: the TRAIN_FIELDS of a batch, sharded over the `data` axis.
+      model: the detector.
+      optimizer: the optax transformation the state was created with.
+      loss_weights: heatmap_weight, size_weight, offset_weight.
+
+    Returns:
+      The new state and scalar metrics (loss terms, gradient norm).
+    """
+
+    def loss_fn(params):
+        outputs, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss, terms = detection_loss(outputs, batch, **loss_weights)
+        return loss, (terms, updates["batch_stats"])
+
+    grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    return new_state, {**terms, "grad_norm": optax.global_norm(grads)}
+
+
+def eval_step(state: TrainState, images: jax.Array, *, model: nn.Module, top_k: int):
+    """Runs the detector in inference mode and decodes its top-k detections."""
+    outputs = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    )
+    return decode_detections(outputs, k=top_k, stride=OUTPUT_STRIDE)
+
+
+def jit_train_step(model, optimizer, loss_weights, mesh: Mesh) -> Callable:
+    """The train step compiled once: state replicated (and donated), batch sharded."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        functools.partial(train_step, model=model, optimizer=optimizer, loss_weights=loss_weights),
+        in_shardings=(replicated, NamedSharding(mesh, PartitionSpec("data"))),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(model, top_k: int, mesh: Mesh) -> Callable:
+    """The eval step compiled once; detections stay sharded over the batch."""
+    return jax.jit(
+        functools.partial(eval_step, model=model, top_k=top_k),
+        in_shardings=(NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))),
+    )
+
+
+def evaluate(
+    eval_fn: Callable, state: TrainState, batches: Iterable[dict], mesh: Mesh, class_names=None
+) -> dict[str, float]:
+    """COCO metrics of `state` over every batch of `batches` (padding rows skipped)."""
+    collected: dict[str, list[np.ndarray]] = {}
+    for local_batch in batches:
+        batch = global_batch(local_batch, mesh, EVAL_FIELDS)
+        detections = eval_fn(state, batch["image"])
+        rows = {name: value for name, value in batch.items() if name != "image"}
+        rows.update({f"det_{name}": value for name, value in detections.items()})
+        for name, value in multihost_utils.process_allgather(rows, tiled=True).items():
+            collected.setdefault(name, []).append(np.asarray(value))
+    arrays = {name: np.concatenate(values) for name, values in collected.items()}
+    return evaluation.coco_metrics(
+        gt_boxes=arrays["boxes"],
+        gt_labels=arrays["labels"],
+        gt_mask=arrays["box_mask"],
+        det_boxes=arrays["det_boxes"],
+        det_scores=arrays["det_scores"],
+        det_classes=arrays["det_classes"],
+        image_ids=arrays["image_id"],
+        valid=arrays["valid"],
+        class_names=class_names,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_manager(workdir: str, train_config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    """An orbax manager in `workdir/checkpoints` keeping the last `keep_checkpoints` steps."""
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=train_config.keep_checkpoints,
+            save_interval_steps=train_config.checkpoint_every,
+            create=True,
+        ),
+    )
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+    """Restores the newest checkpoint into `state`'s structure and sharding, or returns `state`."""
+    step = manager.latest_step()
+    if step is None:
+        return state
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    logging.info("Resuming from checkpoint at step %d in %s", step, manager.directory)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+# ---------------------------------------------------------------------------
+# Logging and interruption
+
+
+class MetricsWriter:
+    """Scalars to `metrics.jsonl` and TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self._enabled = jax.process_index() == 0
+        if self._enabled:
+            from tensorboardX import SummaryWriter
+
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self._enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        for name, value in scalars.items():
+            self._tensorboard.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self._enabled:
+            self._jsonl.close()
+            self._tensorboard.close()
+
+
+class StopRequest:
+    """Set by SIGTERM (preemptible VMs send it before killing): the loop saves and exits."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+def summarize_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
+    """Fetches buffered step metrics, checks they are finite and averages them.
+
+    Buffering lets steps dispatch asynchronously; the check runs before every
+    log and checkpoint, so a non-finite state is never saved.
+    """
+    fetched = jax.device_get([metrics for _, metrics in pending])
+    for (step, _), metrics in zip(pending, fetched, strict=True):
+        if not np.isfinite(metrics["total"]):
+            raise NonFiniteLossError(
+                f"loss became {metrics['total']} at step {step} "
+                f"(terms: { {k: float(v) for k, v in metrics.items()} }); the last good "
+                "checkpoint is kept. Lower config.optim.learning_rate or "
+                "config.optim.grad_clip_norm and resume."
+            )
+    return {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
+
+
+# ---------------------------------------------------------------------------
+# The job
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What `train_and_evaluate` builds from a config, exposed so tests and notebooks reuse it."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    builder: Any
+    model: nn.Module
+    optimizer: optax.GradientTransformation
+    train_step: Callable
+    eval_step: Callable
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+    """Validates `config` and builds dataset builder, model, optimizer and jitted steps."""
+    validate_config(config, jax.device_count())
+    builder = pipeline.get_builder(config.data.name, config.data.data_dir)
+    model = create_model(
+        config.model.name,
+        num_classes=pipeline.num_classes(builder),
+        depthwise_impl=config.model.depthwise_impl,
+    )
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    mesh = make_mesh()
+    return Experiment(
+        config=config,
+        mesh=mesh,
+        builder=builder,
+        model=model,
+        optimizer=optimizer,
+        train_step=jit_train_step(model, optimizer, dict(config.loss), mesh),
+        eval_step=jit_eval_step(model, config.eval.top_k, mesh),
+    )
+
+
+def evaluate_experiment(experiment: Experiment, state: TrainState) -> dict[str, float]:
+    """COCO metrics of `state` on the config's eval split (this process's shard)."""
+    config = experiment.config
+    source = experiment.builder.as_data_source(config.data.eval_split)
+    batches = pipeline.eval_batches(
+        source,
+        image_size=config.data.image_size,
+        batch_size=config.eval.batch_size // jax.process_count(),
+        max_objects=config.data.max_objects,
+        num_classes=pipeline.num_classes(experiment.builder),
+        stride=OUTPUT_STRIDE,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return evaluate(
+        experiment.eval_step, state, batches, experiment.mesh,
+        class_names=pipeline.class_names(experiment.builder),
+    )
+
+
+def _save(manager: ocp.CheckpointManager, step: int, state: TrainState, force: bool) -> None:
+    manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (resuming from `workdir` if it holds checkpoints), then evaluates.
+
+    Args:
+      config: the experiment config (see `jaxcomp.config.default_config`).
+      workdir: checkpoints, `metrics.jsonl`, TensorBoard logs and `eval.json` go here.
+
+    Returns:
+      {'step': last step, 'preempted': bool, 'metrics': COCO metrics or None if preempted,
+       'train': last averaged train scalars}.
+    """
+    experiment = build_experiment(config)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+    state = init_state(
+        experiment.model, experiment.optimizer, config.data.image_size, config.seed, experiment.mesh
+    )
+    manager = checkpoint_manager(workdir, config.train)
+    state = restore_latest(manager, state)
+    start_step = int(state.step)
+
+    train_source = experiment.builder.as_data_source(config.data.train_split)
+    dataset = pipeline.train_dataset(
+        train_source,
+        image_size=config.data.image_size,
+        global_batch_size=config.train.batch_size,
+        max_objects=config.data.max_objects,
+        num_classes=pipeline.num_classes(experiment.builder),
+        seed=config.seed,
+        stride=OUTPUT_STRIDE,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    batches = pipeline.iterate_batches(
+        dataset, start_step, config.train.steps - start_step, config.data.num_workers
+    )
+    writer = MetricsWriter(workdir)
+    result = _train_loop(experiment, state, batches, start_step, manager, writer, workdir)
+    writer.close()
+    manager.wait_until_finished()
+    manager.close()
+    return result
+
+
+def _train_loop(
+    experiment, state, batches: Iterator[dict], start_step, manager, writer, workdir
+) -> dict:
+    config = experiment.config
+    pending: list[tuple[int, dict]] = []
+    bad_examples = {"num_bad_boxes": 0, "num_truncated": 0}
+    last_scalars: dict[str, float] = {}
+    progress = tqdm.tqdm(
+        total=config.train.steps, initial=start_step, desc="train", unit="step",
+        disable=jax.process_index() != 0, dynamic_ncols=True,
+    )
+    timer_step, timer_start = start_step, time.perf_counter()
+    step = start_step
+    with StopRequest() as stop:
+        for local_batch in batches:
+            for name in bad_examples:
+                bad_examples[name] += int(local_batch[name].sum())
+            state, metrics = experiment.train_step(
+                state, global_batch(local_batch, experiment.mesh, TRAIN_FIELDS)
+            )
+            step += 1
+            pending.append((step, metrics))
+            progress.update(1)
+            last_step = step == config.train.steps
+            stopping = stop.is_set() or manager.reached_preemption(step)
+            if step % config.train.log_every == 0 or last_step or stopping or (
+                manager.should_save(step)
+            ):
+                last_scalars = summarize_metrics(pending)
+                pending.clear()
+                elapsed = time.perf_counter() - timer_start
+                images_per_second = (step - timer_step) * config.train.batch_size / elapsed
+                timer_step, timer_start = step, time.perf_counter()
+                last_scalars.update(images_per_second=images_per_second, **bad_examples)
+                writer.write(step, last_scalars)
+                progress.set_postfix(loss=f"{last_scalars['total']:.3f}",
+                                     img_s=f"{images_per_second:.1f}")
+            _save(manager, step, state, force=last_step or stopping)
+            if stopping:
+                logging.warning("Stop requested: saved step %d to %s", step, manager.directory)
+                manager.wait_until_finished()
+                progress.close()
+                return {"step": step, "preempted": True, "metrics": None, "train": last_scalars}
+            if config.train.eval_every and step % config.train.eval_every == 0 and not last_step:
+                writer.write(step, {f"eval/{k}": v for k, v in evaluate_experiment(
+                    experiment, state).items()})
+    progress.close()
+    metrics = evaluate_experiment(experiment, state)
+    writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump({"step": step, **metrics}, f, indent=2)
+    return {"step": step, "preempted": False, "metrics": metrics, "train": last_scalars}

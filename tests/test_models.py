@@ -1,0 +1,79 @@
+"""Detector models: shapes, named variants, and the two depthwise implementations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcomp.models import (
+    MODELS,
+    create_model,
+    depthwise_conv3x3_grouped,
+    depthwise_conv3x3_shifted,
+    resolve_depthwise_impl,
+)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(8, 8), (7, 9)])
+def test_depthwise_implementations_agree_forward_and_gradients(stride, size):
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (2, *size, 5))
+    kernel = jax.random.normal(keys[1], (3, 3, 1, 5))
+    grouped = depthwise_conv3x3_grouped(x, kernel, stride)
+    shifted = depthwise_conv3x3_shifted(x, kernel, stride)
+    assert grouped.shape == shifted.shape
+    np.testing.assert_allclose(shifted, grouped, rtol=1e-5, atol=1e-5)
+
+    cotangent = jax.random.normal(keys[2], grouped.shape)
+
+    def vjp(fn):
+        return jax.grad(lambda x, k: jnp.sum(fn(x, k, stride) * cotangent), argnums=(0, 1))(
+            x, kernel
+        )
+
+    for expected, actual in zip(vjp(depthwise_conv3x3_grouped), vjp(depthwise_conv3x3_shifted),
+                                strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_impl_picks_shifted_on_cpu_and_rejects_unknown():
+    assert resolve_depthwise_impl("auto") == ("shifted" if jax.default_backend() == "cpu"
+                                              else "grouped")
+    with pytest.raises(ValueError, match="depthwise_impl must be one of"):
+        resolve_depthwise_impl("fast")
+
+
+def test_tiny_detector_outputs_and_impls_share_parameters():
+    images = jax.random.randint(jax.random.key(1), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
+    grouped = create_model("centernet_tiny", num_classes=7, depthwise_impl="grouped")
+    shifted = create_model("centernet_tiny", num_classes=7, depthwise_impl="shifted")
+    variables = jax.jit(grouped.init)(jax.random.key(0), images)
+    outputs = jax.jit(grouped.apply)(variables, images)
+    assert {k: v.shape for k, v in outputs.items()} == {
+        "heatmap": (2, 16, 16, 7), "size": (2, 16, 16, 2), "offset": (2, 16, 16, 2)
+    }
+    # The heatmap starts near sigmoid(-2.19) ~ 0.1 everywhere, as CenterNet initializes it.
+    assert abs(float(jax.nn.sigmoid(outputs["heatmap"]).mean()) - 0.1) < 0.02
+    other = jax.jit(shifted.apply)(variables, images)
+    for name in outputs:
+        np.testing.assert_allclose(other[name], outputs[name], rtol=1e-4, atol=1e-4)
+
+
+def test_variants_are_ordered_by_size():
+    counts = {}
+    for name in MODELS:
+        shapes = jax.eval_shape(
+            create_model(name, num_classes=13).init, jax.random.key(0),
+            jnp.zeros((1, 64, 64, 3), jnp.uint8),
+        )
+        counts[name] = sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"]))
+    assert counts["centernet_tiny"] < counts["centernet_student"] < counts["centernet_teacher"]
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        create_model("resnet", num_classes=3)
+    model = create_model("centernet_tiny", num_classes=3)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 60, 64, 3)))

@@ -1,0 +1,122 @@
+"""Tests for jaxcomp.detection.targets and jaxcomp.detection.boxes."""
+
+import numpy as np
+import pytest
+
+from jaxcomp.detection.boxes import clip_boxes, iou, yxyx_to_xywh
+from jaxcomp.detection.targets import encode_targets, gaussian_radius
+
+IMAGE_SIZE, NUM_CLASSES, STRIDE = 64, 3, 4
+GRID = IMAGE_SIZE // STRIDE
+
+# Two objects of different classes, one padding row (garbage values on purpose).
+BOXES = np.array([[8.0, 10.0, 24.0, 42.0], [36.0, 40.0, 62.0, 58.0], [1.0, 2.0, 3.0, 4.0]])
+LABELS = np.array([2, 0, 7])
+MASK = np.array([True, True, False])
+
+
+def _encode(boxes=BOXES, labels=LABELS, mask=MASK, **kwargs):
+    return encode_targets(
+        boxes, labels, mask, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES, **kwargs
+    )
+
+
+def test_shapes_and_dtypes():
+    targets = _encode()
+    expected = {
+        "heatmap": ((GRID, GRID, NUM_CLASSES), np.float32),
+        "center_index": ((3,), np.int32),
+        "size": ((3, 2), np.float32),
+        "offset": ((3, 2), np.float32),
+        "target_mask": ((3,), np.float32),
+    }
+    assert {k: (v.shape, v.dtype) for k, v in targets.items()} == expected
+
+
+def test_heatmap_peak_is_one_at_centre_cell_of_its_class_only():
+    targets = _encode()
+    heatmap = targets["heatmap"]
+    for index, label in zip(targets["center_index"][:2], LABELS[:2], strict=True):
+        y, x = divmod(int(index), GRID)
+        assert heatmap[y, x, label] == 1.0
+    # Exactly two cells hold 1.0, each in its object's class channel; class 1 is empty.
+    peaks = np.argwhere(heatmap == 1.0)
+    assert sorted(peaks[:, 2].tolist()) == [0, 2]
+    assert not heatmap[..., 1].any()
+    assert heatmap.min() >= 0.0 and heatmap.max() == 1.0
+
+
+def test_heatmap_is_zero_far_from_objects():
+    heatmap = _encode()["heatmap"]
+    # Object 0 (class 2) is centred near cell (4, 6) with a small radius: the far corner is 0.
+    assert heatmap[GRID - 1, GRID - 1, 2] == 0.0
+    assert heatmap[0, GRID - 1, 0] == 0.0
+
+
+def test_center_size_offset_reconstruct_boxes():
+    targets = _encode()
+    cells = np.stack(np.divmod(targets["center_index"][:2], GRID), axis=-1)
+    centres = (cells + targets["offset"][:2]) * STRIDE
+    sizes = targets["size"][:2] * STRIDE
+    reconstructed = np.concatenate([centres - sizes / 2, centres + sizes / 2], axis=-1)
+    np.testing.assert_allclose(reconstructed, BOXES[:2], atol=1e-5)
+    assert np.all((targets["offset"] >= 0) & (targets["offset"] < 1))
+
+
+def test_padding_rows_are_zero():
+    targets = _encode()
+    np.testing.assert_array_equal(targets["target_mask"], [1.0, 1.0, 0.0])
+    assert targets["center_index"][2] == 0
+    assert not targets["size"][2].any() and not targets["offset"][2].any()
+
+
+def test_all_padding_gives_empty_targets():
+    targets = _encode(mask=np.zeros(3, bool))
+    assert not targets["heatmap"].any() and not targets["target_mask"].any()
+
+
+def test_same_class_overlap_combines_by_max_not_sum():
+    boxes = np.array([[16.0, 16.0, 48.0, 48.0], [16.0, 24.0, 48.0, 56.0]])
+    both = _encode(boxes, np.array([1, 1]), np.array([True, True]))["heatmap"][..., 1]
+    first = _encode(boxes[:1], np.array([1]), np.array([True]))["heatmap"][..., 1]
+    second = _encode(boxes[1:], np.array([1]), np.array([True]))["heatmap"][..., 1]
+    np.testing.assert_array_equal(both, np.maximum(first, second))
+    assert both.max() == 1.0 and np.sum(both == 1.0) == 2
+
+
+def test_boxes_are_clipped_and_empty_boxes_dropped():
+    boxes = np.array([[-8.0, -8.0, 8.0, 8.0], [70.0, 70.0, 90.0, 90.0]])
+    targets = _encode(boxes, np.array([0, 1]), np.array([True, True]))
+    np.testing.assert_array_equal(targets["target_mask"], [1.0, 0.0])
+    np.testing.assert_allclose(targets["size"][0], [2.0, 2.0])
+    assert not targets["heatmap"][..., 1].any()
+
+
+def test_bad_image_size_names_value():
+    with pytest.raises(ValueError, match="got image_size=62"):
+        encode_targets(BOXES, LABELS, MASK, image_size=62, num_classes=NUM_CLASSES)
+
+
+def test_bad_label_names_value():
+    with pytest.raises(ValueError, match="got 5"):
+        _encode(labels=np.array([5, 0, 0]))
+
+
+def test_gaussian_radius_matches_centernet_rule():
+    # Reference values of CenterNet's rule; it grows with the box and shrinks with overlap.
+    assert gaussian_radius(10.0, 10.0) == pytest.approx(2.7332, abs=1e-4)
+    assert gaussian_radius(40.0, 20.0) > gaussian_radius(10.0, 10.0)
+    assert gaussian_radius(10.0, 10.0, min_overlap=0.9) < gaussian_radius(10.0, 10.0)
+    with pytest.raises(ValueError, match="got 1.5"):
+        gaussian_radius(10.0, 10.0, min_overlap=1.5)
+
+
+def test_box_utilities():
+    a = np.array([[0.0, 0.0, 2.0, 2.0]])
+    b = np.array([[0.0, 0.0, 2.0, 1.0], [5.0, 5.0, 6.0, 6.0], [1.0, 1.0, 1.0, 1.0]])
+    np.testing.assert_allclose(iou(a, b), [[0.5, 0.0, 0.0]])
+    np.testing.assert_allclose(iou(b[2:], b[2:]), [[0.0]])
+    np.testing.assert_array_equal(yxyx_to_xywh(np.array([1.0, 2.0, 5.0, 10.0])), [2, 1, 8, 4])
+    np.testing.assert_array_equal(
+        clip_boxes(np.array([[-3.0, 5.0, 40.0, 20.0]]), (32, 16)), [[0, 5, 32, 16]]
+    )

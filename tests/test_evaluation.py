@@ -1,0 +1,150 @@
+"""Tests for jaxcomp.evaluation (tiny in-memory COCO sets)."""
+
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from jaxcomp.evaluation import METRIC_NAMES, coco_metrics, format_metrics_table
+
+NUM_CLASSES = 3
+CLASS_NAMES = ["cat", "dog", "bird"]
+
+# Three images, up to three objects each: medium and large boxes, one small one.
+# Row 2 of image 0 and row 1-2 of image 2 are padding (garbage boxes on purpose).
+GT_BOXES = np.array(
+    [
+        [[10.0, 10.0, 60.0, 70.0], [80.0, 20.0, 200.0, 180.0], [1.0, 1.0, 500.0, 500.0]],
+        [[30.0, 40.0, 50.0, 55.0], [100.0, 100.0, 160.0, 150.0], [5.0, 120.0, 120.0, 250.0]],
+        [[40.0, 40.0, 90.0, 120.0], [0.0, 0.0, 9.0, 9.0], [7.0, 7.0, 8.0, 8.0]],
+    ]
+)
+GT_LABELS = np.array([[0, 1, 2], [2, 0, 1], [1, 0, 0]])
+GT_MASK = np.array([[True, True, False], [True, True, True], [True, False, False]])
+IMAGE_IDS = np.array([11, 12, 13])
+# Detections: the ground truth in the same slots, scores descending; padding slots score 0.
+PERFECT = {
+    "det_boxes": GT_BOXES,
+    "det_scores": np.where(GT_MASK, [0.9, 0.8, 0.7], 0.0),
+    "det_classes": GT_LABELS,
+}
+
+
+def _metrics(**overrides) -> dict[str, float]:
+    arguments = {
+        "gt_boxes": GT_BOXES,
+        "gt_labels": GT_LABELS,
+        "gt_mask": GT_MASK,
+        "image_ids": IMAGE_IDS,
+        "class_names": CLASS_NAMES,
+        **PERFECT,
+        **overrides,
+    }
+    return coco_metrics(**arguments)
+
+
+def test_perfect_detections_score_one_and_quietly(capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="jaxcomp.evaluation"):
+        metrics = _metrics()
+    assert set(metrics) == set(METRIC_NAMES)
+    assert metrics["AP"] == 1.0 and metrics["AP50"] == 1.0 and metrics["AP75"] == 1.0
+    assert metrics["AP_small"] == 1.0 and metrics["AP_large"] == 1.0
+    assert capsys.readouterr().out == ""
+    assert "Average Precision" in caplog.text
+
+
+def test_shifted_detections_score_lower():
+    shifted = _metrics(det_boxes=GT_BOXES + np.array([6.0, 6.0, 6.0, 6.0]))
+    assert 0.0 < shifted["AP"] < 1.0
+    assert shifted["AP50"] >= shifted["AP75"]
+
+
+def test_wrong_classes_score_zero():
+    metrics = _metrics(det_classes=(GT_LABELS + 1) % NUM_CLASSES)
+    assert metrics["AP"] == 0.0 and metrics["AP50"] == 0.0
+
+
+@pytest.mark.parametrize("slots", [0, 3])
+def test_empty_detections_score_zero(slots):
+    metrics = _metrics(
+        det_boxes=np.zeros((3, slots, 4)),
+        det_scores=np.zeros((3, slots)),
+        det_classes=np.zeros((3, slots), int),
+    )
+    assert metrics["AP"] == 0.0 and metrics["AP50"] == 0.0
+
+
+def test_padding_images_are_ignored():
+    # A fourth image whose ground truth is unmatched and whose id repeats: only valid rows count.
+    pad = {
+        "gt_boxes": np.concatenate([GT_BOXES, GT_BOXES[:1]]),
+        "gt_labels": np.concatenate([GT_LABELS, GT_LABELS[:1]]),
+        "gt_mask": np.concatenate([GT_MASK, np.ones((1, 3), bool)]),
+        "det_boxes": np.concatenate([GT_BOXES, np.zeros((1, 3, 4))]),
+        "det_scores": np.concatenate([PERFECT["det_scores"], np.full((1, 3), 0.95)]),
+        "det_classes": np.concatenate([GT_LABELS, GT_LABELS[:1]]),
+        "image_ids": np.append(IMAGE_IDS, IMAGE_IDS[0]),
+    }
+    assert _metrics(**pad, valid=np.array([True, True, True, False]))["AP"] == 1.0
+    with pytest.raises(ValueError, match="got 11 2 times"):
+        _metrics(**pad)
+
+
+def test_images_without_ground_truth():
+    no_gt = np.array([[True, True, False], [True, True, True], [False, False, False]])
+    # Image 2 keeps its detection, now a false positive that outranks one true positive.
+    scores = PERFECT["det_scores"].copy()
+    scores[2, 0] = 0.85
+    metrics = _metrics(gt_mask=no_gt, det_scores=scores)
+    assert 0.0 < metrics["AP"] < 1.0
+    # Without the detection the image is harmless.
+    scores[2, 0] = 0.0
+    assert _metrics(gt_mask=no_gt, det_scores=scores)["AP"] == 1.0
+
+
+def test_missing_size_range_is_nan_and_no_ground_truth_at_all_is_nan():
+    no_small = GT_MASK & (GT_BOXES[..., 2] - GT_BOXES[..., 0] > 30)
+    assert math.isnan(_metrics(gt_mask=no_small)["AP_small"])
+    assert all(math.isnan(v) for v in _metrics(gt_mask=np.zeros_like(GT_MASK)).values())
+
+
+def test_score_threshold_drops_low_scores():
+    metrics = _metrics(score_threshold=0.75)  # drops the 0.7 detection on image 1
+    assert metrics["AP"] < 1.0
+
+
+def test_class_ids_outside_class_names_are_rejected():
+    with pytest.raises(ValueError, match="class id 5"):
+        _metrics(det_classes=np.full_like(GT_LABELS, 5))
+
+
+def test_default_class_names_cover_detected_classes():
+    # Class 4 only occurs in detections: it must still be a category, i.e. a false positive.
+    classes = GT_LABELS.copy()
+    classes[1, 1] = 4
+    metrics = coco_metrics(
+        gt_boxes=GT_BOXES,
+        gt_labels=GT_LABELS,
+        gt_mask=GT_MASK,
+        det_boxes=GT_BOXES,
+        det_scores=PERFECT["det_scores"],
+        det_classes=classes,
+        image_ids=IMAGE_IDS,
+    )
+    assert metrics["AP"] < 1.0
+
+
+def test_shape_mismatch_names_the_array():
+    with pytest.raises(ValueError, match="det_scores"):
+        _metrics(det_scores=np.zeros((2, 3)))
+
+
+def test_format_metrics_table():
+    table = format_metrics_table(
+        {"teacher": {name: 0.5 for name in METRIC_NAMES}, "student": {"AP": 0.3012, "AP50": 0.5}}
+    )
+    lines = table.splitlines()
+    assert lines[0] == "| model | AP | AP50 | AP75 | AP_small | AP_medium | AP_large |"
+    assert lines[2] == "| teacher | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 |"
+    assert lines[3] == "| student | 30.1 | 50.0 | n/a | n/a | n/a | n/a |"

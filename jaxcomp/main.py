@@ -20,7 +20,8 @@ from jaxcomp.evaluation import format_metrics_table
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval results.")
 flags.DEFINE_bool(
-    "distributed", False,
+    "distributed",
+    False,
     "Call jax.distributed.initialize() first (multi-host GPU or TPU pod slice).",
 )
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -32,14 +33,20 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.distributed:
         jax.distributed.initialize()
-    logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
-                 jax.process_count())
+    logging.info(
+        "JAX devices: %s (process %d of %d)",
+        jax.devices(),
+        jax.process_index(),
+        jax.process_count(),
+    )
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() != 0:
         return
     if result["preempted"]:
-        print(f"Stopped at step {result['step']}; checkpoint saved in {FLAGS.workdir}. "
-              "Run the same command again to resume.")
+        print(
+            f"Stopped at step {result['step']}; checkpoint saved in {FLAGS.workdir}. "
+            "Run the same command again to resume."
+        )
         return
     print(format_metrics_table({FLAGS.config.model.name: result["metrics"]}))
     print(json.dumps({"step": result["step"], **result["metrics"]}))

@@ -97,7 +97,9 @@ def resolve_rules(tree: Any, rules: Rules, *, on_unmatched: str = "error") -> An
     # `None` values would vanish as pytree leaves, so map over names first.
     names = leaf_names(tree)
     values = [choose(name, None) for name in names]
-    unmatched = [pattern.pattern for (pattern, _), hit in zip(compiled, used, strict=True) if not hit]
+    unmatched = [
+        pattern.pattern for (pattern, _), hit in zip(compiled, used, strict=True) if not hit
+    ]
     if unmatched and on_unmatched != "ignore":
         message = (
             f"rules matched no leaf: {unmatched}; leaf names look like {names[:3]} "

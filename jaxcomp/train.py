@@ -66,8 +66,7 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, fields: Iterabl
     """Assembles each process's rows into global arrays sharded over the `data` axis."""
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     return {
-        name: jax.make_array_from_process_local_data(sharding, local_batch[name])
-        for name in fields
+        name: jax.make_array_from_process_local_data(sharding, local_batch[name]) for name in fields
     }
 
 
@@ -75,7 +74,9 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, fields: Iterabl
 # Model, optimizer, state
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    optim: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
     """AdamW with linear warmup and cosine decay; weight decay on conv/dense kernels only.
 
     Args:
@@ -92,9 +93,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
         decay_steps=max(total_steps, optim.warmup_steps + 1),
         end_value=optim.learning_rate * 0.01,
     )
-    decay_mask = functools.partial(
-        paths.map_with_names, lambda name, _: name.endswith("kernel")
-    )
+    decay_mask = functools.partial(paths.map_with_names, lambda name, _: name.endswith("kernel"))
     return optax.chain(
         optax.clip_by_global_norm(optim.grad_clip_norm),
         optax.adamw(schedule, weight_decay=optim.weight_decay, mask=decay_mask),
@@ -204,7 +203,10 @@ def jit_eval_step(model, top_k: int, mesh: Mesh) -> Callable:
     """The eval step compiled once; detections stay sharded over the batch."""
     return jax.jit(
         functools.partial(eval_step, model=model, top_k=top_k),
-        in_shardings=(NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))),
+        in_shardings=(
+            NamedSharding(mesh, PartitionSpec()),
+            NamedSharding(mesh, PartitionSpec("data")),
+        ),
     )
 
 
@@ -238,13 +240,14 @@ def evaluate(
 # Checkpoints
 
 
-def checkpoint_manager(workdir: str, train_config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def checkpoint_manager(
+    workdir: str, train_config: ml_collections.ConfigDict
+) -> ocp.CheckpointManager:
     """An orbax manager in `workdir/checkpoints` keeping the last `keep_checkpoints` steps."""
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=train_config.keep_checkpoints,
-            save_interval_steps=train_config.checkpoint_every,
             create=True,
         ),
     )
@@ -381,21 +384,24 @@ def evaluate_experiment(experiment: Experiment, state: TrainState) -> dict[str, 
         process_count=jax.process_count(),
     )
     return evaluate(
-        experiment.eval_step, state, batches, experiment.mesh,
+        experiment.eval_step,
+        state,
+        batches,
+        experiment.mesh,
         class_names=pipeline.class_names(experiment.builder),
     )
 
 
-def _save(manager: ocp.CheckpointManager, step: int, state: TrainState, force: bool) -> None:
-    manager.save(step, args=ocp.args.StandardSave(state), force=force)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None
+) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates.
 
     Args:
       config: the experiment config (see `jaxcomp.config.default_config`).
       workdir: checkpoints, `metrics.jsonl`, TensorBoard logs and `eval.json` go here.
+      stop_at: stop after this step with a checkpoint, exactly as a SIGTERM would
+        (for time-boxed jobs); the same call without it later resumes and finishes.
 
     Returns:
       {'step': last step, 'preempted': bool, 'metrics': COCO metrics or None if preempted,
@@ -425,11 +431,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    end_step = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
+    if start_step >= end_step < config.train.steps:
+        manager.close()
+        return {"step": start_step, "preempted": True, "metrics": None, "train": {}}
     batches = pipeline.iterate_batches(
-        dataset, start_step, config.train.steps - start_step, config.data.num_workers
+        dataset, start_step, max(end_step - start_step, 0), config.data.num_workers
     )
     writer = MetricsWriter(workdir)
-    result = _train_loop(experiment, state, batches, start_step, manager, writer, workdir)
+    result = _train_loop(experiment, state, batches, start_step, manager, writer, workdir, end_step)
     writer.close()
     manager.wait_until_finished()
     manager.close()
@@ -437,15 +447,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_loop(
-    experiment, state, batches: Iterator[dict], start_step, manager, writer, workdir
+    experiment, state, batches: Iterator[dict], start_step, manager, writer, workdir, end_step
 ) -> dict:
     config = experiment.config
     pending: list[tuple[int, dict]] = []
     bad_examples = {"num_bad_boxes": 0, "num_truncated": 0}
     last_scalars: dict[str, float] = {}
     progress = tqdm.tqdm(
-        total=config.train.steps, initial=start_step, desc="train", unit="step",
-        disable=jax.process_index() != 0, dynamic_ncols=True,
+        total=config.train.steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
     )
     timer_step, timer_start = start_step, time.perf_counter()
     step = start_step
@@ -460,10 +474,13 @@ def _train_loop(
             pending.append((step, metrics))
             progress.update(1)
             last_step = step == config.train.steps
-            stopping = stop.is_set() or manager.reached_preemption(step)
-            if step % config.train.log_every == 0 or last_step or stopping or (
-                manager.should_save(step)
-            ):
+            stopping = (
+                stop.is_set()
+                or manager.reached_preemption(step)
+                or step == end_step < config.train.steps
+            )
+            saving = step % config.train.checkpoint_every == 0 or last_step or stopping
+            if step % config.train.log_every == 0 or saving:
                 last_scalars = summarize_metrics(pending)
                 pending.clear()
                 elapsed = time.perf_counter() - timer_start
@@ -471,17 +488,21 @@ def _train_loop(
                 timer_step, timer_start = step, time.perf_counter()
                 last_scalars.update(images_per_second=images_per_second, **bad_examples)
                 writer.write(step, last_scalars)
-                progress.set_postfix(loss=f"{last_scalars['total']:.3f}",
-                                     img_s=f"{images_per_second:.1f}")
-            _save(manager, step, state, force=last_step or stopping)
+                progress.set_postfix(
+                    loss=f"{last_scalars['total']:.3f}", img_s=f"{images_per_second:.1f}"
+                )
+            if saving:
+                manager.save(step, args=ocp.args.StandardSave(state), force=True)
             if stopping:
                 logging.warning("Stop requested: saved step %d to %s", step, manager.directory)
                 manager.wait_until_finished()
                 progress.close()
                 return {"step": step, "preempted": True, "metrics": None, "train": last_scalars}
             if config.train.eval_every and step % config.train.eval_every == 0 and not last_step:
-                writer.write(step, {f"eval/{k}": v for k, v in evaluate_experiment(
-                    experiment, state).items()})
+                writer.write(
+                    step,
+                    {f"eval/{k}": v for k, v in evaluate_experiment(experiment, state).items()},
+                )
     progress.close()
     metrics = evaluate_experiment(experiment, state)
     writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})

@@ -32,14 +32,16 @@ def test_depthwise_implementations_agree_forward_and_gradients(stride, size):
             x, kernel
         )
 
-    for expected, actual in zip(vjp(depthwise_conv3x3_grouped), vjp(depthwise_conv3x3_shifted),
-                                strict=True):
+    for expected, actual in zip(
+        vjp(depthwise_conv3x3_grouped), vjp(depthwise_conv3x3_shifted), strict=True
+    ):
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_auto_impl_picks_shifted_on_cpu_and_rejects_unknown():
-    assert resolve_depthwise_impl("auto") == ("shifted" if jax.default_backend() == "cpu"
-                                              else "grouped")
+    assert resolve_depthwise_impl("auto") == (
+        "shifted" if jax.default_backend() == "cpu" else "grouped"
+    )
     with pytest.raises(ValueError, match="depthwise_impl must be one of"):
         resolve_depthwise_impl("fast")
 
@@ -51,7 +53,9 @@ def test_tiny_detector_outputs_and_impls_share_parameters():
     variables = jax.jit(grouped.init)(jax.random.key(0), images)
     outputs = jax.jit(grouped.apply)(variables, images)
     assert {k: v.shape for k, v in outputs.items()} == {
-        "heatmap": (2, 16, 16, 7), "size": (2, 16, 16, 2), "offset": (2, 16, 16, 2)
+        "heatmap": (2, 16, 16, 7),
+        "size": (2, 16, 16, 2),
+        "offset": (2, 16, 16, 2),
     }
     # The heatmap starts near sigmoid(-2.19) ~ 0.1 everywhere, as CenterNet initializes it.
     assert abs(float(jax.nn.sigmoid(outputs["heatmap"]).mean()) - 0.1) < 0.02
@@ -64,7 +68,8 @@ def test_variants_are_ordered_by_size():
     counts = {}
     for name in MODELS:
         shapes = jax.eval_shape(
-            create_model(name, num_classes=13).init, jax.random.key(0),
+            create_model(name, num_classes=13).init,
+            jax.random.key(0),
             jnp.zeros((1, 64, 64, 3), jnp.uint8),
         )
         counts[name] = sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"]))

@@ -12,7 +12,9 @@ from jaxcomp import paths
 from jaxcomp.config import default_config, load_config_file, validate_config
 
 PARAMS = {
-    "backbone": {"stem": {"conv": {"kernel": jnp.zeros((3, 3, 3, 8))}, "bn": {"scale": jnp.ones(8)}}},
+    "backbone": {
+        "stem": {"conv": {"kernel": jnp.zeros((3, 3, 3, 8))}, "bn": {"scale": jnp.ones(8)}}
+    },
     "heatmap": {"out": {"kernel": jnp.zeros((1, 1, 8, 3)), "bias": jnp.zeros(3)}},
 }
 
@@ -68,8 +70,12 @@ def test_rule_parser_gives_first_match_or_a_clear_error(patterns):
 
 
 def test_config_files_load_and_validate():
-    for spec in ["configs/student.py", "configs/teacher.py", "configs/demo.py:teacher",
-                 "configs/demo.py:student"]:
+    for spec in [
+        "configs/student.py",
+        "configs/teacher.py",
+        "configs/demo.py:teacher",
+        "configs/demo.py:student",
+    ]:
         validate_config(load_config_file(spec), device_count=1)
 
 

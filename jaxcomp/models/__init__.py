@@ -42,7 +42,9 @@ def create_model(name: str, *, num_classes: int, depthwise_impl: str = "auto") -
       >>> model = create_model("centernet_tiny", num_classes=13)
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; config.model.name must be one of {sorted(MODELS)}")
+        raise ValueError(
+            f"unknown model {name!r}; config.model.name must be one of {sorted(MODELS)}"
+        )
     resolve_depthwise_impl(depthwise_impl)
     return MODELS[name](num_classes=num_classes, depthwise_impl=depthwise_impl)
 

@@ -79,8 +79,12 @@ def depthwise_conv3x3_shifted(x: jax.Array, kernel: jax.Array, stride: int) -> j
             window = lax.slice(
                 padded,
                 (0, dy, dx, 0),
-                (batch, dy + (out_height - 1) * stride + 1, dx + (out_width - 1) * stride + 1,
-                 channels),
+                (
+                    batch,
+                    dy + (out_height - 1) * stride + 1,
+                    dx + (out_width - 1) * stride + 1,
+                    channels,
+                ),
                 (1, stride, stride, 1),
             )
             term = window * kernel[dy, dx, 0]

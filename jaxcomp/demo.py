@@ -1,0 +1,55 @@
+r"""`make demo`: train the teacher and the student briefly, print their mAP side by side.
+
+Example:
+  python -m jaxcomp.demo --workdir=workdirs/demo
+
+Each run resumes from its checkpoints in `workdir/<name>`, so an interrupted
+demo picks up where it stopped.
+"""
+
+import json
+import os
+import time
+
+import jax
+from absl import app, flags
+
+from jaxcomp import train
+from jaxcomp.config import load_config_file
+from jaxcomp.evaluation import format_metrics_table
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "workdirs/demo", "Directory for the runs and demo.json.")
+flags.DEFINE_string("config", "configs/demo.py", "Config file taking 'teacher' or 'student'.")
+flags.DEFINE_integer("steps", None, "Override config.train.steps for both runs.")
+
+RUNS = ("teacher", "student")
+
+
+def main(argv):
+    del argv
+    rows = {}
+    for name in RUNS:
+        config = load_config_file(f"{FLAGS.config}:{name}")
+        if FLAGS.steps:
+            config.train.steps = FLAGS.steps
+            config.optim.warmup_steps = min(config.optim.warmup_steps, FLAGS.steps // 4)
+        print(f"== {name}: {config.model.name}, {config.train.steps} steps ==", flush=True)
+        start = time.perf_counter()
+        result = train.train_and_evaluate(config, os.path.join(FLAGS.workdir, name))
+        if result["preempted"]:
+            print("Stopped; run `make demo` again to resume.")
+            return
+        rows[name] = {
+            **result["metrics"],
+            "images/s": result["train"].get("images_per_second", float("nan")),
+            "minutes": (time.perf_counter() - start) / 60,
+        }
+    if jax.process_index() == 0:
+        print(format_metrics_table(rows))
+        with open(os.path.join(FLAGS.workdir, "demo.json"), "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

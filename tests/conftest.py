@@ -1,0 +1,49 @@
+"""Shared fixtures: the tiny embedded dataset, built once per test session."""
+
+import jax
+import pytest
+
+from jaxcomp.config import default_config
+from jaxcomp.data.embedded import prepare_embedded
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache shared by the tests and their subprocesses.
+
+    Several tests compile the same tiny train step (resume runs, the CLI); with
+    the cache each compiles once per session.
+    """
+    cache_dir = str(tmp_path_factory.mktemp("jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return cache_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """A data_dir holding `jaxcomp_embedded/tiny`, built offline."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    prepare_embedded("tiny", data_dir=data_dir)
+    return data_dir
+
+
+@pytest.fixture
+def tiny_config(tiny_data_dir):
+    """A config that trains the tiny detector on the tiny dataset in seconds."""
+    config = default_config()
+    config.data.name = "jaxcomp_embedded/tiny"
+    config.data.data_dir = tiny_data_dir
+    config.data.image_size = 64
+    config.data.max_objects = 8
+    config.data.num_workers = 0
+    config.model.name = "centernet_tiny"
+    config.train.steps = 6
+    config.train.batch_size = 4
+    config.train.log_every = 2
+    config.train.checkpoint_every = 2
+    config.optim.warmup_steps = 2
+    config.eval.batch_size = 16
+    config.eval.top_k = 20
+    return config

@@ -1,0 +1,212 @@
+"""The real train step, checkpoint resume, sharding and the CLI, on the tiny model and dataset."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxcomp import train
+from jaxcomp.data import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _first_batches(experiment, count):
+    config = experiment.config
+    dataset = pipeline.train_dataset(
+        experiment.builder.as_data_source("train"),
+        image_size=config.data.image_size,
+        global_batch_size=config.train.batch_size,
+        max_objects=config.data.max_objects,
+        num_classes=pipeline.num_classes(experiment.builder),
+        seed=config.seed,
+    )
+    return [dataset[step] for step in range(count)]
+
+
+def test_train_step_learns_and_compiles_once(tiny_config):
+    tiny_config.optim.learning_rate = 1e-2
+    experiment = train.build_experiment(tiny_config)
+    state = train.init_state(experiment.model, experiment.optimizer, 64, 0, experiment.mesh)
+    batch = train.global_batch(
+        _first_batches(experiment, 1)[0], experiment.mesh, train.TRAIN_FIELDS
+    )
+    initial_params = jax.device_get(state.params)
+    losses = []
+    for _ in range(4):  # the same batch: the loss must go down
+        state, metrics = experiment.train_step(state, batch)
+        losses.append(float(metrics["total"]))
+    assert experiment.train_step._cache_size() == 1, "the train step re-compiled"
+    assert int(state.step) == 4
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), initial_params, jax.device_get(state.params)
+    )
+    assert all(jax.tree.leaves(changed))
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_config, tmp_path):
+    full = train.train_and_evaluate(tiny_config, str(tmp_path / "full"))
+    assert not full["preempted"] and full["step"] == 6
+    stopped = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"), stop_at=3)
+    assert stopped["preempted"] and stopped["step"] == 3
+    resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    assert resumed["step"] == 6
+
+    experiment = train.build_experiment(tiny_config)
+    template = train.init_state(experiment.model, experiment.optimizer, 64, 1, experiment.mesh)
+
+    def final_state(workdir):
+        manager = train.checkpoint_manager(str(workdir), tiny_config.train)
+        assert manager.latest_step() == 6
+        return jax.device_get(train.restore_latest(manager, template))
+
+    for expected, actual in zip(
+        jax.tree.leaves(final_state(tmp_path / "full")),
+        jax.tree.leaves(final_state(tmp_path / "resumed")),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(actual, expected)
+    assert resumed["metrics"] == full["metrics"]
+    lines = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [line["step"] for line in lines if "total" in line] == [2, 4, 6]
+    eval_json = json.load(open(tmp_path / "full" / "eval.json"))
+    assert eval_json["step"] == 6 and 0.0 <= eval_json["AP50"] <= 1.0
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoint(tiny_config, tmp_path):
+    tiny_config.optim.learning_rate = 1e30
+    tiny_config.optim.grad_clip_norm = 1e30
+    tiny_config.train.steps = 8
+    with pytest.raises(train.NonFiniteLossError, match=r"at step \d+.*last good checkpoint"):
+        train.train_and_evaluate(tiny_config, str(tmp_path))
+    manager = train.checkpoint_manager(str(tmp_path), tiny_config.train)
+    for step in manager.all_steps():
+        experiment = train.build_experiment(tiny_config)
+        template = train.init_state(experiment.model, experiment.optimizer, 64, 0, experiment.mesh)
+        restored = manager.restore(
+            step,
+            args=train.ocp.args.StandardRestore(
+                jax.tree.map(train.ocp.utils.to_shape_dtype_struct, template)
+            ),
+        )
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored.params))
+
+
+_SHARDED_SCRIPT = """
+import sys, json, numpy as np, jax
+from jaxcomp import train
+from jaxcomp.config import default_config
+config = default_config()
+config.update_from_flattened_dict(json.loads(sys.argv[1]))
+experiment = train.build_experiment(config)
+state = train.init_state(experiment.model, experiment.optimizer, 64, 0, experiment.mesh)
+from jaxcomp.data import pipeline
+ds = pipeline.train_dataset(experiment.builder.as_data_source("train"), image_size=64,
+    global_batch_size=config.train.batch_size, max_objects=config.data.max_objects,
+    num_classes=pipeline.num_classes(experiment.builder), seed=config.seed)
+losses, grad_norms = [], []
+for step in range(3):
+    state, metrics = experiment.train_step(
+        state, train.global_batch(ds[step], experiment.mesh, train.TRAIN_FIELDS))
+    losses.append(float(metrics["total"]))
+    grad_norms.append(float(metrics["grad_norm"]))
+    if step == 0:
+        stats = [np.asarray(x) for x in jax.tree.leaves(state.batch_stats)]
+np.savez(sys.argv[2], losses=np.array(losses), grad_norms=np.array(grad_norms),
+         devices=jax.device_count(), **{str(i): x for i, x in enumerate(stats)})
+"""
+
+
+def _flat_config(config):
+    return {
+        "data.name": config.data.name,
+        "data.data_dir": config.data.data_dir,
+        "data.image_size": 64,
+        "data.max_objects": config.data.max_objects,
+        "data.num_workers": 0,
+        "model.name": config.model.name,
+        "train.steps": 6,
+        "train.batch_size": 4,
+        "optim.warmup_steps": 2,
+        "eval.batch_size": 16,
+    }
+
+
+def _run_script(config, out, devices):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+    }
+    subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT, json.dumps(_flat_config(config)), str(out)],
+        check=True,
+        env=env,
+        cwd=REPO,
+    )
+    return np.load(out)
+
+
+def test_four_devices_match_one_device(tiny_config, tmp_path):
+    one = _run_script(tiny_config, tmp_path / "one.npz", 1)
+    four = _run_script(tiny_config, tmp_path / "four.npz", 4)
+    assert int(one["devices"]) == 1 and int(four["devices"]) == 4
+    np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-4)
+    np.testing.assert_allclose(four["grad_norms"], one["grad_norms"], rtol=1e-4)
+    # After one step the running variances equal the single-device ones only if the
+    # batch statistics are computed over the global batch, not per device. (Later
+    # steps drift by float noise that Adam's normalisation amplifies.)
+    stats = [key for key in one.files if key.isdigit()]
+    assert stats
+    for key in stats:
+        np.testing.assert_allclose(four[key], one[key], rtol=1e-4, atol=1e-6)
+
+
+def test_cli_sigterm_saves_and_exits_cleanly_then_resumes(tiny_config, tmp_path):
+    workdir = tmp_path / "run"
+    overrides = [f"--config.{key}={value}" for key, value in _flat_config(tiny_config).items()]
+    overrides = [o for o in overrides if not o.startswith("--config.train.steps")]
+    command = [
+        sys.executable,
+        "-m",
+        "jaxcomp.main",
+        "--config=configs/student.py",
+        f"--workdir={workdir}",
+        "--config.train.steps=100000",
+        "--config.train.log_every=1",
+        *overrides,
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    metrics_file = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 2):
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "Run the same command again to resume" in output
+    manager = train.checkpoint_manager(str(workdir), tiny_config.train)
+    saved = manager.latest_step()
+    assert saved is not None and saved >= 2
+    # The same command picks up from the saved step.
+    finish = subprocess.run(
+        [*command[:5], f"--config.train.steps={saved + 2}", *command[6:]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finish.returncode == 0, finish.stdout + finish.stderr
+    assert json.loads(finish.stdout.strip().splitlines()[-1])["step"] == saved + 2

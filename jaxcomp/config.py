@@ -115,7 +115,8 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         )
     _require(
         config.train.eval_every >= 0,
-        f"config.train.eval_every must be >= 0 (0 = only at the end), got {config.train.eval_every}",
+        f"config.train.eval_every must be >= 0 (0 = at the end only), "
+        f"got {config.train.eval_every}",
     )
     _require(
         config.data.num_workers >= 0,

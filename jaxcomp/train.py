@@ -125,7 +125,7 @@ def create_train_state(
 
 
 def init_state(model, optimizer, image_size: int, seed: int, mesh: Mesh) -> TrainState:
-    """Creates the replicated initial TrainState with one jitted call (eager init is ~20x slower)."""
+    """Creates the replicated initial TrainState in one jitted call (eager init is far slower)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     init_fn = jax.jit(
         functools.partial(create_train_state, model, optimizer, image_size),

@@ -1,0 +1,31 @@
+"""jaxcomp: compress object detectors in JAX with pure functions over parameter pytrees."""
+
+from jaxcomp import data, detection, evaluation, models, paths, train
+from jaxcomp.config import default_config, load_config_file, validate_config
+from jaxcomp.evaluation import coco_metrics, format_metrics_table
+from jaxcomp.models import create_model
+from jaxcomp.paths import leaf_names, map_with_names, resolve_rules
+from jaxcomp.train import TrainState, build_experiment, train_and_evaluate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TrainState",
+    "build_experiment",
+    "coco_metrics",
+    "create_model",
+    "data",
+    "default_config",
+    "detection",
+    "evaluation",
+    "format_metrics_table",
+    "leaf_names",
+    "load_config_file",
+    "map_with_names",
+    "models",
+    "paths",
+    "resolve_rules",
+    "train",
+    "train_and_evaluate",
+    "validate_config",
+]

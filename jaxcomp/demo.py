@@ -12,7 +12,7 @@ import os
 import time
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 from jaxcomp import train
 from jaxcomp.config import load_config_file
@@ -28,6 +28,8 @@ RUNS = ("teacher", "student")
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and TFDS are chatty at INFO
     rows = {}
     for name in RUNS:
         config = load_config_file(f"{FLAGS.config}:{name}")

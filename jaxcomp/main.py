@@ -31,6 +31,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        # orbax and TFDS log every save and read at INFO; `--verbosity=0` brings them back.
+        logging.set_verbosity(logging.WARNING)
     if FLAGS.distributed:
         jax.distributed.initialize()
     logging.info(

@@ -259,7 +259,8 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
     if step is None:
         return state
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    logging.info("Resuming from checkpoint at step %d in %s", step, manager.directory)
+    if jax.process_index() == 0:
+        print(f"Resuming from the checkpoint of step {step} in {manager.directory}", flush=True)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
@@ -284,7 +285,9 @@ class MetricsWriter:
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
         for name, value in scalars.items():
-            self._tensorboard.add_scalar(name, value, step)
+            # COCO reports nan for size ranges without objects; TensorBoard would warn on each.
+            if np.isfinite(value):
+                self._tensorboard.add_scalar(name, value, step)
 
     def close(self) -> None:
         if self._enabled:

@@ -75,6 +75,8 @@ def test_config_files_load_and_validate():
         "configs/teacher.py",
         "configs/demo.py:teacher",
         "configs/demo.py:student",
+        "configs/voc.py:teacher",
+        "configs/coco.py:student",
     ]:
         validate_config(load_config_file(spec), device_count=1)
 

@@ -4,7 +4,7 @@ Example:
   python -m jaxcomp.demo --workdir=workdirs/demo
 
 Each run resumes from its checkpoints in `workdir/<name>`, so an interrupted
-demo picks up where it stopped.
+demo picks up where it stopped, and a finished one is only re-evaluated.
 """
 
 import json
@@ -12,11 +12,11 @@ import os
 import time
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 
 from jaxcomp import train
 from jaxcomp.config import load_config_file
-from jaxcomp.evaluation import format_metrics_table
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/demo", "Directory for the runs and demo.json.")
@@ -24,6 +24,22 @@ flags.DEFINE_string("config", "configs/demo.py", "Config file taking 'teacher' o
 flags.DEFINE_integer("steps", None, "Override config.train.steps for both runs.")
 
 RUNS = ("teacher", "student")
+COLUMNS = ("AP", "AP50", "AP75", "AP_small", "AP_medium")
+
+
+def format_demo_table(rows: dict[str, dict]) -> str:
+    """Markdown table: AP columns in percent, then parameters, throughput and wall time."""
+    header = "| model | " + " | ".join(COLUMNS) + " | params | train images/s | minutes |"
+    lines = [header, "|---|" + "---:|" * (len(COLUMNS) + 3)]
+    for name, row in rows.items():
+        aps = " | ".join(
+            "n/a" if np.isnan(row[column]) else f"{100 * row[column]:.1f}" for column in COLUMNS
+        )
+        lines.append(
+            f"| {name} | {aps} | {row['params']:,} | {row['images_per_second']:.1f} "
+            f"| {row['minutes']:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv):
@@ -42,13 +58,14 @@ def main(argv):
         if result["preempted"]:
             print("Stopped; run `make demo` again to resume.")
             return
-        rows[name] = {
+        rows[f"{name} ({config.model.name})"] = {
             **result["metrics"],
-            "images/s": result["train"].get("images_per_second", float("nan")),
+            "params": result["params"],
+            "images_per_second": result["train"].get("images_per_second", float("nan")),
             "minutes": (time.perf_counter() - start) / 60,
         }
     if jax.process_index() == 0:
-        print(format_metrics_table(rows))
+        print(format_demo_table(rows))
         with open(os.path.join(FLAGS.workdir, "demo.json"), "w") as f:
             json.dump(rows, f, indent=2)
 

@@ -408,7 +408,7 @@ def train_and_evaluate(
 
     Returns:
       {'step': last step, 'preempted': bool, 'metrics': COCO metrics or None if preempted,
-       'train': last averaged train scalars}.
+       'train': last averaged train scalars, 'params': number of parameters}.
     """
     experiment = build_experiment(config)
     os.makedirs(workdir, exist_ok=True)
@@ -421,6 +421,7 @@ def train_and_evaluate(
     manager = checkpoint_manager(workdir, config.train)
     state = restore_latest(manager, state)
     start_step = int(state.step)
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
 
     train_source = experiment.builder.as_data_source(config.data.train_split)
     dataset = pipeline.train_dataset(
@@ -437,7 +438,13 @@ def train_and_evaluate(
     end_step = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
     if start_step >= end_step < config.train.steps:
         manager.close()
-        return {"step": start_step, "preempted": True, "metrics": None, "train": {}}
+        return {
+            "step": start_step,
+            "preempted": True,
+            "metrics": None,
+            "train": {},
+            "params": num_params,
+        }
     batches = pipeline.iterate_batches(
         dataset, start_step, max(end_step - start_step, 0), config.data.num_workers
     )
@@ -446,7 +453,7 @@ def train_and_evaluate(
     writer.close()
     manager.wait_until_finished()
     manager.close()
-    return result
+    return {**result, "params": num_params}
 
 
 def _train_loop(
@@ -506,6 +513,7 @@ def _train_loop(
                     step,
                     {f"eval/{k}": v for k, v in evaluate_experiment(experiment, state).items()},
                 )
+                timer_start = time.perf_counter()  # images/s counts training only
     progress.close()
     metrics = evaluate_experiment(experiment, state)
     writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})

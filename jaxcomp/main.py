@@ -22,8 +22,13 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eva
 flags.DEFINE_bool(
     "distributed",
     False,
-    "Call jax.distributed.initialize() first (multi-host GPU or TPU pod slice).",
+    "Call jax.distributed.initialize() first (several GPU hosts or a TPU pod slice). On TPU "
+    "VMs, SLURM and Open MPI it finds the other processes itself; elsewhere also pass the "
+    "three flags below.",
 )
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -35,7 +40,11 @@ def main(argv):
         # orbax and TFDS log every save and read at INFO; `--verbosity=0` brings them back.
         logging.set_verbosity(logging.WARNING)
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
     logging.info(
         "JAX devices: %s (process %d of %d)",
         jax.devices(),

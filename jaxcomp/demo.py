@@ -22,6 +22,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/demo", "Directory for the runs and demo.json.")
 flags.DEFINE_string("config", "configs/demo.py", "Config file taking 'teacher' or 'student'.")
 flags.DEFINE_integer("steps", None, "Override config.train.steps for both runs.")
+flags.DEFINE_string(
+    "compilation_cache_dir",
+    "~/.cache/jaxcomp/xla",
+    "Persistent XLA compilation cache ('' disables it); a second start skips the compiles.",
+)
 
 RUNS = ("teacher", "student")
 COLUMNS = ("AP", "AP50", "AP75", "AP_small", "AP_medium")
@@ -46,6 +51,7 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and TFDS are chatty at INFO
+    train.enable_compilation_cache(FLAGS.compilation_cache_dir)
     rows = {}
     for name in RUNS:
         config = load_config_file(f"{FLAGS.config}:{name}")

@@ -29,6 +29,11 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+flags.DEFINE_string(
+    "compilation_cache_dir",
+    "~/.cache/jaxcomp/xla",
+    "Persistent XLA compilation cache ('' disables it); a second start skips the compiles.",
+)
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -39,6 +44,7 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         # orbax and TFDS log every save and read at INFO; `--verbosity=0` brings them back.
         logging.set_verbosity(logging.WARNING)
+    train.enable_compilation_cache(FLAGS.compilation_cache_dir)
     if FLAGS.distributed:
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,

@@ -54,7 +54,22 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------
-# Mesh and data placement
+# Compilation cache, mesh and data placement
+
+
+def enable_compilation_cache(cache_dir: str | None) -> None:
+    """Keeps compiled XLA programs in `cache_dir`, so a second start skips the compiles.
+
+    Args:
+      cache_dir: a directory (created if missing; '~' expanded), or None/'' to disable.
+    """
+    if not cache_dir:
+        return
+    cache_dir = os.path.expanduser(cache_dir)
+    os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    # Cache every program: the train step's compile takes seconds, but so do many small ones.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def make_mesh() -> Mesh:

@@ -182,6 +182,7 @@ def test_cli_sigterm_saves_and_exits_cleanly_then_resumes(tiny_config, tmp_path)
         f"--workdir={workdir}",
         "--config.train.steps=100000",
         "--config.train.log_every=1",
+        f"--compilation_cache_dir={jax.config.jax_compilation_cache_dir}",
         *overrides,
     ]
     process = subprocess.Popen(

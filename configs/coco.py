@@ -9,16 +9,12 @@ Expected: not measured on this project's machines (no COCO download there); mean
 for a GPU host or a TPU slice (add --distributed on several hosts).
 """
 
-from jaxcomp.config import default_config
-
-MODELS = {"teacher": "centernet_teacher", "student": "centernet_student"}
+from jaxcomp.config import default_config, model_for_role
 
 
 def get_config(arg: str = "student"):
-    if arg not in MODELS:
-        raise ValueError(f"configs/coco.py takes one of {sorted(MODELS)}, got {arg!r}")
     config = default_config()
-    config.model.name = MODELS[arg]
+    config.model.name = model_for_role(arg)
     config.data.name = "coco/2017"
     config.data.train_split = "train"
     config.data.eval_split = "validation"

@@ -8,16 +8,12 @@ One run alone:
 Expected: see the README (AP50 of each, minutes on 2 CPU cores).
 """
 
-from jaxcomp.config import default_config
-
-MODELS = {"teacher": "centernet_teacher", "student": "centernet_student"}
+from jaxcomp.config import default_config, model_for_role
 
 
 def get_config(arg: str = "student"):
-    if arg not in MODELS:
-        raise ValueError(f"configs/demo.py takes one of {sorted(MODELS)}, got {arg!r}")
     config = default_config()
-    config.model.name = MODELS[arg]
+    config.model.name = model_for_role(arg)
     config.train.steps = 600
     config.train.checkpoint_every = 200
     config.optim.warmup_steps = 50

@@ -10,6 +10,19 @@ from ml_collections import config_dict
 
 from jaxcomp.models import DEPTHWISE_IMPLS, MODELS
 
+# The two roles of the compression recipe, as config files take them (`file.py:teacher`).
+MODEL_ROLES = {"teacher": "centernet_teacher", "student": "centernet_student"}
+
+
+def model_for_role(role: str) -> str:
+    """The model variant of 'teacher' or 'student', for configs taking `get_config(role)`."""
+    if role not in MODEL_ROLES:
+        raise ValueError(
+            f"the config argument must be one of {sorted(MODEL_ROLES)} "
+            f"(as in configs/demo.py:teacher), got {role!r}"
+        )
+    return MODEL_ROLES[role]
+
 
 def default_config() -> ml_collections.ConfigDict:
     """The common base: student detector on the embedded dataset at 128x128."""

@@ -102,3 +102,8 @@ def test_invalid_configs_name_the_field(field, value, message):
     config[section][name] = value
     with pytest.raises(ValueError, match=message):
         validate_config(config, device_count=4)
+
+
+def test_role_configs_reject_unknown_roles():
+    with pytest.raises(ValueError, match="must be one of \\['student', 'teacher'\\].*got 'techer'"):
+        load_config_file("configs/demo.py:techer")

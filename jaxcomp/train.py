@@ -311,20 +311,34 @@ class MetricsWriter:
 
 
 class StopRequest:
-    """Set by SIGTERM (preemptible VMs send it before killing): the loop saves and exits."""
+    """Set by SIGTERM (what preemptible VMs send) or a first Ctrl-C: the loop saves and exits.
+
+    A second Ctrl-C interrupts at once, as usual.
+    """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self._event = threading.Event()
-        self._previous = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        self._event.set()
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+            print(
+                "\nStopping after this step with a checkpoint (Ctrl-C again to abort).", flush=True
+            )
 
     def __enter__(self):
+        # Signal handlers can only be installed from the main thread.
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self._SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def is_set(self) -> bool:
         return self._event.is_set()

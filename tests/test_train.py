@@ -232,3 +232,14 @@ def test_voc_config_trains_on_mock_voc(tmp_path):
     # mock_data draws unordered boxes and mismatched label lists: sanitized and counted.
     assert result["train"]["num_bad_boxes"] > 0
     assert set(result["metrics"]) >= {"AP", "AP50"}
+
+
+def test_first_ctrl_c_requests_a_stop_and_second_interrupts():
+    with train.StopRequest() as stop:
+        assert not stop.is_set()
+        signal.raise_signal(signal.SIGINT)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -25,6 +25,8 @@ def get_config(arg: str = "student"):
     config.train.batch_size = 128
     config.train.checkpoint_every = 5000
     config.train.eval_every = 20_000
+    # Untuned (no download on this project's machines); the embedded default is for batch 8.
+    config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 2000
     config.eval.batch_size = 64
     return config

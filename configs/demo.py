@@ -14,7 +14,6 @@ from jaxcomp.config import default_config, model_for_role
 def get_config(arg: str = "student"):
     config = default_config()
     config.model.name = model_for_role(arg)
-    config.train.steps = 600
+    config.train.steps = 800
     config.train.checkpoint_every = 200
-    config.optim.warmup_steps = 50
     return config

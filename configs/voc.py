@@ -25,5 +25,7 @@ def get_config(arg: str = "student"):
     config.train.batch_size = 64
     config.train.checkpoint_every = 2000
     config.train.eval_every = 10_000
+    # Untuned (no download on this project's machines); the embedded default is for batch 8.
+    config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 1000
     return config

@@ -47,14 +47,17 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 3000
-    config.train.batch_size = 16  # global, over all devices and hosts
+    # Global, over all devices and hosts. From scratch, 8 learned faster per image seen
+    # than 16 here (student AP50 after 6400 images: 1.8% at batch 8 vs 0.3% at 16).
+    config.train.batch_size = 8
     config.train.log_every = 25
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3
     config.train.eval_every = 0  # 0: evaluate only at the end
 
     config.optim = ml_collections.ConfigDict()
-    config.optim.learning_rate = 2e-3
+    # Student AP50 after 800 steps of batch 8: 1.8% at 2e-3, 11.2% at 8e-3, 13.1% at 1.6e-2.
+    config.optim.learning_rate = 1e-2
     config.optim.warmup_steps = 100
     config.optim.weight_decay = 1e-4
     config.optim.grad_clip_norm = 10.0

@@ -34,7 +34,7 @@ COLUMNS = ("AP", "AP50", "AP75", "AP_small", "AP_medium")
 
 def format_demo_table(rows: dict[str, dict]) -> str:
     """Markdown table: AP columns in percent, then parameters, throughput and wall time."""
-    header = "| model | " + " | ".join(COLUMNS) + " | params | train images/s | minutes |"
+    header = "| model | " + " | ".join(COLUMNS) + " | params | train images/s (mean) | minutes |"
     lines = [header, "|---|" + "---:|" * (len(COLUMNS) + 3)]
     for name, row in rows.items():
         aps = " | ".join(
@@ -67,7 +67,7 @@ def main(argv):
         rows[f"{name} ({config.model.name})"] = {
             **result["metrics"],
             "params": result["params"],
-            "images_per_second": result["train"].get("images_per_second", float("nan")),
+            "images_per_second": result["images_per_second"],
             "minutes": (time.perf_counter() - start) / 60,
         }
     if jax.process_index() == 0:

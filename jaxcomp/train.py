@@ -437,7 +437,9 @@ def train_and_evaluate(
 
     Returns:
       {'step': last step, 'preempted': bool, 'metrics': COCO metrics or None if preempted,
-       'train': last averaged train scalars, 'params': number of parameters}.
+       'train': last averaged train scalars, 'images_per_second': mean training throughput
+       after the first step, 'first_step_seconds': the first step's time (mostly its
+       compile), 'params': number of parameters}.
     """
     experiment = build_experiment(config)
     os.makedirs(workdir, exist_ok=True)
@@ -472,6 +474,8 @@ def train_and_evaluate(
             "preempted": True,
             "metrics": None,
             "train": {},
+            "images_per_second": float("nan"),
+            "first_step_seconds": float("nan"),
             "params": num_params,
         }
     batches = pipeline.iterate_batches(
@@ -501,6 +505,8 @@ def _train_loop(
         dynamic_ncols=True,
     )
     timer_step, timer_start = start_step, time.perf_counter()
+    train_seconds = 0.0  # excludes evaluation and the first (compiling) step
+    first_step_seconds = float("nan")
     step = start_step
     with StopRequest() as stop:
         for local_batch in batches:
@@ -512,6 +518,11 @@ def _train_loop(
             step += 1
             pending.append((step, metrics))
             progress.update(1)
+            if step == start_step + 1:
+                # Time the compile on its own so that images/s measures training only.
+                jax.block_until_ready(metrics)
+                first_step_seconds = time.perf_counter() - timer_start
+                timer_step, timer_start = step, time.perf_counter()
             last_step = step == config.train.steps
             stopping = (
                 stop.is_set()
@@ -523,6 +534,7 @@ def _train_loop(
                 last_scalars = summarize_metrics(pending)
                 pending.clear()
                 elapsed = time.perf_counter() - timer_start
+                train_seconds += elapsed
                 images_per_second = (step - timer_step) * config.train.batch_size / elapsed
                 timer_step, timer_start = step, time.perf_counter()
                 last_scalars.update(images_per_second=images_per_second, **bad_examples)
@@ -536,7 +548,14 @@ def _train_loop(
                 logging.warning("Stop requested: saved step %d to %s", step, manager.directory)
                 manager.wait_until_finished()
                 progress.close()
-                return {"step": step, "preempted": True, "metrics": None, "train": last_scalars}
+                return {
+                    "step": step,
+                    "preempted": True,
+                    "metrics": None,
+                    "train": last_scalars,
+                    "images_per_second": _mean_rate(step - start_step - 1, config, train_seconds),
+                    "first_step_seconds": first_step_seconds,
+                }
             if config.train.eval_every and step % config.train.eval_every == 0 and not last_step:
                 writer.write(
                     step,
@@ -549,4 +568,15 @@ def _train_loop(
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump({"step": step, **metrics}, f, indent=2)
-    return {"step": step, "preempted": False, "metrics": metrics, "train": last_scalars}
+    return {
+        "step": step,
+        "preempted": False,
+        "metrics": metrics,
+        "train": last_scalars,
+        "images_per_second": _mean_rate(step - start_step - 1, config, train_seconds),
+        "first_step_seconds": first_step_seconds,
+    }
+
+
+def _mean_rate(steps: int, config: ml_collections.ConfigDict, seconds: float) -> float:
+    return steps * config.train.batch_size / seconds if steps > 0 and seconds else float("nan")

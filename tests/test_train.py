@@ -54,6 +54,7 @@ def test_train_step_learns_and_compiles_once(tiny_config):
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_config, tmp_path):
     full = train.train_and_evaluate(tiny_config, str(tmp_path / "full"))
     assert not full["preempted"] and full["step"] == 6
+    assert full["images_per_second"] > 0 and full["first_step_seconds"] > 0
     stopped = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"), stop_at=3)
     assert stopped["preempted"] and stopped["step"] == 3
     resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))

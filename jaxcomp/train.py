@@ -508,6 +508,7 @@ def _train_loop(
     train_seconds = 0.0  # excludes evaluation and the first (compiling) step
     first_step_seconds = float("nan")
     step = start_step
+    stopping = False
     with StopRequest() as stop:
         for local_batch in batches:
             for name in bad_examples:
@@ -546,16 +547,7 @@ def _train_loop(
                 manager.save(step, args=ocp.args.StandardSave(state), force=True)
             if stopping:
                 logging.warning("Stop requested: saved step %d to %s", step, manager.directory)
-                manager.wait_until_finished()
-                progress.close()
-                return {
-                    "step": step,
-                    "preempted": True,
-                    "metrics": None,
-                    "train": last_scalars,
-                    "images_per_second": _mean_rate(step - start_step - 1, config, train_seconds),
-                    "first_step_seconds": first_step_seconds,
-                }
+                break
             if config.train.eval_every and step % config.train.eval_every == 0 and not last_step:
                 writer.write(
                     step,
@@ -563,14 +555,16 @@ def _train_loop(
                 )
                 timer_start = time.perf_counter()  # images/s counts training only
     progress.close()
-    metrics = evaluate_experiment(experiment, state)
-    writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump({"step": step, **metrics}, f, indent=2)
+    metrics = None
+    if not stopping:
+        metrics = evaluate_experiment(experiment, state)
+        writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "eval.json"), "w") as f:
+                json.dump({"step": step, **metrics}, f, indent=2)
     return {
         "step": step,
-        "preempted": False,
+        "preempted": stopping,
         "metrics": metrics,
         "train": last_scalars,
         "images_per_second": _mean_rate(step - start_step - 1, config, train_seconds),

@@ -1,6 +1,6 @@
 """jaxcomp: compress object detectors in JAX with pure functions over parameter pytrees."""
 
-from jaxcomp import data, detection, evaluation, models, paths, train
+from jaxcomp import compress, data, detection, evaluation, flops, models, paths, prune, quant, train
 from jaxcomp.config import default_config, load_config_file, validate_config
 from jaxcomp.evaluation import coco_metrics, format_metrics_table
 from jaxcomp.models import create_model
@@ -13,17 +13,21 @@ __all__ = [
     "TrainState",
     "build_experiment",
     "coco_metrics",
+    "compress",
     "create_model",
     "data",
     "default_config",
     "detection",
     "evaluation",
+    "flops",
     "format_metrics_table",
     "leaf_names",
     "load_config_file",
     "map_with_names",
     "models",
     "paths",
+    "prune",
+    "quant",
     "resolve_rules",
     "train",
     "train_and_evaluate",

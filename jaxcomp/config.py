@@ -44,6 +44,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.name = "centernet_student"
     # 'auto' picks nine shifted multiply-adds on CPU, XLA's grouped conv elsewhere.
     config.model.depthwise_impl = "auto"
+    # Width overrides by channel-group name, set when a channel-pruned model is shrunk.
+    config.model.channels = ()
+
+    # Workdir of a finished run whose params and BatchNorm statistics start this one
+    # (fine-tuning: pruning or quantizing a trained model); '' trains from scratch.
+    config.init_from = ""
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 3000
@@ -67,9 +73,46 @@ def default_config() -> ml_collections.ConfigDict:
     config.loss.size_weight = 0.1
     config.loss.offset_weight = 1.0
 
+    config.prune = ml_collections.ConfigDict()
+    # 'none', 'unstructured', 'nm' (N:M along input channels) or 'channel' (+ shrinking).
+    config.prune.method = "none"
+    # Final sparsity; for 'channel' the fraction of each selected group's channels removed.
+    config.prune.sparsity = 0.8
+    # [(regex, sparsity or None), ...] over leaf names (group names for 'channel'); None
+    # picks the detector defaults (`jaxcomp.compress.default_prune_rules`).
+    config.prune.rules = config_dict.placeholder(tuple)
+    config.prune.score = "magnitude"  # 'magnitude', 'random', 'saliency'
+    config.prune.scope = "layer"  # 'layer' or 'global' ranking
+    config.prune.schedule = "polynomial"  # 'one_shot', 'iterative', 'polynomial'
+    config.prune.begin_step = 0
+    # None: three quarters of config.train.steps, leaving the rest to fine-tune.
+    config.prune.end_step = config_dict.placeholder(int)
+    config.prune.frequency = 50  # steps between mask updates (polynomial)
+    config.prune.num_prunes = 4  # rounds (iterative)
+    config.prune.n = 2
+    config.prune.m = 4
+    config.prune.norm = "l1"  # channel score: 'l1' or 'l2' norm of each filter
+
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 32
     config.eval.top_k = 100
+    return config
+
+
+def finetune_config(init_from: str = "workdirs/student") -> ml_collections.ConfigDict:
+    """The base of the compression configs: 1000 steps fine-tuning a trained student.
+
+    Args:
+      init_from: the workdir of the trained model (configs/student.py's by default).
+    """
+    config = default_config()
+    config.model.name = "centernet_student"
+    config.init_from = init_from
+    config.train.steps = 1000
+    config.train.checkpoint_every = 250
+    # Fine-tuning a trained model: a fifth of the from-scratch peak, short warmup.
+    config.optim.learning_rate = 2e-3
+    config.optim.warmup_steps = 50
     return config
 
 
@@ -149,6 +192,55 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     )
     for name, weight in config.loss.items():
         _require(weight >= 0, f"config.loss.{name} must be >= 0, got {weight}")
+    _validate_prune(config)
+
+
+_PRUNE_CHOICES = {
+    "method": ("none", "unstructured", "nm", "channel"),
+    "score": ("magnitude", "random", "saliency"),
+    "scope": ("layer", "global"),
+    "schedule": ("one_shot", "iterative", "polynomial"),
+    "norm": ("l1", "l2"),
+}
+
+
+def _validate_prune(config: ml_collections.ConfigDict) -> None:
+    prune = config.prune
+    for field, choices in _PRUNE_CHOICES.items():
+        _require(
+            prune[field] in choices,
+            f"config.prune.{field}={prune[field]!r}; use one of {choices}",
+        )
+    if prune.method == "none":
+        return
+    _require(
+        isinstance(prune.sparsity, int | float) and 0 <= prune.sparsity < 1,
+        f"config.prune.sparsity must be in [0, 1), got {prune.sparsity!r}",
+    )
+    end_step = prune_end_step(config)
+    _require(
+        0 <= prune.begin_step < end_step <= config.train.steps,
+        f"config.prune.begin_step={prune.begin_step} and end_step={end_step} must satisfy "
+        f"0 <= begin_step < end_step <= config.train.steps={config.train.steps} "
+        "(the schedule's end must come after its start)",
+    )
+    _require(
+        isinstance(prune.n, int) and isinstance(prune.m, int) and 0 < prune.n <= prune.m,
+        f"config.prune.n={prune.n!r}, m={prune.m!r}: N:M keeps n of every m weights, "
+        "so it needs 0 < n <= m (e.g. n=2, m=4)",
+    )
+    _require(
+        prune.frequency > 0 and prune.num_prunes > 0,
+        f"config.prune.frequency={prune.frequency} and num_prunes={prune.num_prunes} "
+        "must be positive",
+    )
+
+
+def prune_end_step(config: ml_collections.ConfigDict) -> int:
+    """The step where the pruning schedule reaches its final sparsity (default 3/4 of training)."""
+    if config.prune.end_step is None:
+        return max(config.prune.begin_step + 1, 3 * config.train.steps // 4)
+    return config.prune.end_step
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

@@ -28,7 +28,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxcomp import evaluation, paths
+from jaxcomp import compress, evaluation, paths, prune
 from jaxcomp.config import validate_config
 from jaxcomp.data import pipeline
 from jaxcomp.detection import decode_detections, detection_loss
@@ -116,7 +116,11 @@ def make_optimizer(
 
 
 def create_train_state(
-    model: nn.Module, optimizer: optax.GradientTransformation, image_size: int, rng: jax.Array
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    image_size: int,
+    rng: jax.Array,
+    variables: dict | None = None,
 ) -> TrainState:
     """Initializes parameters, statistics and optimizer state (call under `jax.jit`).
 
@@ -125,11 +129,14 @@ def create_train_state(
       optimizer: the optax transformation.
       image_size: side of the square input; parameters do not depend on it.
       rng: PRNG key for parameter initialization.
+      variables: {'params', 'batch_stats'} to start from (fine-tuning) instead of `rng`.
 
     Returns:
       A TrainState at step 0.
     """
-    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.uint8), train=False)
+    if variables is None:
+        images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+        variables = model.init(rng, images, train=False)
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -139,14 +146,28 @@ def create_train_state(
     )
 
 
-def init_state(model, optimizer, image_size: int, seed: int, mesh: Mesh) -> TrainState:
-    """Creates the replicated initial TrainState in one jitted call (eager init is far slower)."""
+def init_state(
+    model, optimizer, image_size: int, seed: int, mesh: Mesh, variables: dict | None = None
+) -> TrainState:
+    """Creates the replicated initial TrainState in one jitted call (eager init is far slower).
+
+    Args:
+      model, optimizer, image_size, seed: as for `create_train_state` (rng from `seed`).
+      mesh: the device mesh; the state is replicated over it.
+      variables: optional {'params', 'batch_stats'} to start from (see `restore_variables`).
+    """
     replicated = NamedSharding(mesh, PartitionSpec())
     init_fn = jax.jit(
         functools.partial(create_train_state, model, optimizer, image_size),
         out_shardings=replicated,
     )
-    return init_fn(jax.random.key(seed))
+    return init_fn(jax.random.key(seed), variables)
+
+
+def abstract_variables(model: nn.Module, image_size: int) -> dict:
+    """Shapes and dtypes of the model's variables, traced without computing anything."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
 
 
 # ---------------------------------------------------------------------------
@@ -279,6 +300,49 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def restore_variables(workdir: str, expected: dict) -> dict:
+    """The params and BatchNorm statistics of the newest checkpoint in another run's workdir.
+
+    Args:
+      workdir: the workdir of a finished run (`config.init_from`).
+      expected: the abstract variables of the model being trained, to check shapes against.
+
+    Returns:
+      {'params': ..., 'batch_stats': ...} as arrays.
+    """
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    step = ocp.CheckpointManager(directory).latest_step() if os.path.isdir(directory) else None
+    if step is None:
+        raise FileNotFoundError(
+            f"config.init_from={workdir!r} holds no checkpoint (looked in {directory}); train "
+            "that model first (see its config's docstring) or set --config.init_from='' to "
+            "start from a random initialization"
+        )
+    with ocp.CheckpointManager(directory) as manager:
+        restored = manager.restore(step, args=ocp.args.StandardRestore())
+    variables = {name: restored[name] for name in ("params", "batch_stats")}
+    _check_same_shapes(variables, expected, f"the checkpoint of step {step} in {directory}")
+    return variables
+
+
+def _check_same_shapes(tree: Any, expected: Any, source: str) -> None:
+    found = dict(zip(paths.leaf_names(tree), jax.tree.leaves(tree), strict=True))
+    wanted = dict(zip(paths.leaf_names(expected), jax.tree.leaves(expected), strict=True))
+    missing = sorted(set(wanted) - set(found))
+    extra = sorted(set(found) - set(wanted))
+    wrong = [
+        f"{name}: {np.shape(found[name])} != {wanted[name].shape}"
+        for name in sorted(set(found) & set(wanted))
+        if np.shape(found[name]) != wanted[name].shape
+    ]
+    if missing or extra or wrong:
+        raise ValueError(
+            f"{source} does not fit config.model.name: missing {missing[:3]}, unexpected "
+            f"{extra[:3]}, shapes {wrong[:3]}; point config.init_from at a run of the same "
+            "model (and config.model.channels)"
+        )
+
+
 # ---------------------------------------------------------------------------
 # Logging and interruption
 
@@ -374,6 +438,7 @@ class Experiment:
     mesh: Mesh
     builder: Any
     model: nn.Module
+    variables: Any  # abstract (shapes and dtypes only)
     optimizer: optax.GradientTransformation
     train_step: Callable
     eval_step: Callable
@@ -387,14 +452,21 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         config.model.name,
         num_classes=pipeline.num_classes(builder),
         depthwise_impl=config.model.depthwise_impl,
+        channels=config.model.channels,
     )
-    optimizer = make_optimizer(config.optim, config.train.steps)
+    variables = abstract_variables(model, config.data.image_size)
+    optimizer = compress.wrap_optimizer(
+        make_optimizer(config.optim, config.train.steps), config, variables
+    )
+    # Checks pruning rules against the real leaf names now, before any file is written.
+    jax.eval_shape(optimizer.init, variables["params"])
     mesh = make_mesh()
     return Experiment(
         config=config,
         mesh=mesh,
         builder=builder,
         model=model,
+        variables=variables,
         optimizer=optimizer,
         train_step=jit_train_step(model, optimizer, dict(config.loss), mesh),
         eval_step=jit_eval_step(model, config.eval.top_k, mesh),
@@ -446,10 +518,18 @@ def train_and_evaluate(
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
 
-    state = init_state(
-        experiment.model, experiment.optimizer, config.data.image_size, config.seed, experiment.mesh
-    )
     manager = checkpoint_manager(workdir, config.train)
+    start_variables = None
+    if config.init_from and manager.latest_step() is None:
+        start_variables = restore_variables(config.init_from, experiment.variables)
+    state = init_state(
+        experiment.model,
+        experiment.optimizer,
+        config.data.image_size,
+        config.seed,
+        experiment.mesh,
+        start_variables,
+    )
     state = restore_latest(manager, state)
     start_step = int(state.step)
     num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
@@ -486,7 +566,69 @@ def train_and_evaluate(
     writer.close()
     manager.wait_until_finished()
     manager.close()
+    state = result.pop("state")
+    if result["metrics"] is not None:
+        result["compression"] = compression_summary(experiment, state, workdir, result["metrics"])
     return {**result, "params": num_params}
+
+
+def compression_summary(
+    experiment: Experiment, state: TrainState, workdir: str, metrics: dict[str, float]
+) -> dict[str, Any]:
+    """What the trained model costs: non-zeros, FLOPs, bytes on disk; channel-pruned, shrunk.
+
+    Exports the model dense and sparse (`workdir/export/{dense,sparse}`); a
+    channel-pruned model is also shrunk into a smaller model (`export/shrunk`),
+    evaluated, and its widths recorded as `config.model.channels`. Everything goes
+    to `workdir/compression.json`.
+    """
+    config = experiment.config
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    export_dir = os.path.join(os.path.abspath(workdir), "export")
+    exported = compress.export_report(
+        experiment.model, variables, config.data.image_size, export_dir
+    )
+    masks = prune.masks_of(state.opt_state) if config.prune.method != "none" else None
+    summary: dict[str, Any] = {
+        "model": {**exported, "AP": metrics["AP"], "AP50": metrics["AP50"]},
+        "layers": prune.sparsity_report(variables["params"], jax.device_get(masks)),
+    }
+    if config.prune.method == "channel":
+        model, shrunk_variables, widths = compress.shrink_channels(
+            variables, config, pipeline.num_classes(experiment.builder)
+        )
+        shrunk = dataclasses.replace(
+            experiment,
+            model=model,
+            eval_step=jit_eval_step(model, config.eval.top_k, experiment.mesh),
+        )
+        replicated = NamedSharding(experiment.mesh, PartitionSpec())
+        shrunk_state = TrainState(
+            step=state.step,
+            params=jax.device_put(shrunk_variables["params"], replicated),
+            batch_stats=jax.device_put(shrunk_variables["batch_stats"], replicated),
+            opt_state=None,
+        )
+        shrunk_metrics = evaluate_experiment(shrunk, shrunk_state)
+        summary["shrunk"] = {
+            **compress.export_report(
+                model, shrunk_variables, config.data.image_size, os.path.join(export_dir, "shrunk")
+            ),
+            "AP": shrunk_metrics["AP"],
+            "AP50": shrunk_metrics["AP50"],
+            "channels": sorted(widths.items()),
+        }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "compression.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=_json_default)
+        print(compress.format_compression_table(summary), flush=True)
+    return summary
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def _train_loop(
@@ -563,6 +705,7 @@ def _train_loop(
             with open(os.path.join(workdir, "eval.json"), "w") as f:
                 json.dump({"step": step, **metrics}, f, indent=2)
     return {
+        "state": state,
         "step": step,
         "preempted": stopping,
         "metrics": metrics,

@@ -75,6 +75,11 @@ def test_config_files_load_and_validate():
         "configs/teacher.py",
         "configs/demo.py:teacher",
         "configs/demo.py:student",
+        "configs/demo.py:pruned",
+        "configs/prune_magnitude.py",
+        "configs/prune_magnitude.py:0.9",
+        "configs/prune_nm.py",
+        "configs/prune_channels.py",
         "configs/voc.py:teacher",
         "configs/coco.py:student",
     ]:

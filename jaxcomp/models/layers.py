@@ -111,6 +111,25 @@ class DepthwiseConv3x3(nn.Module):
             return depthwise_conv3x3_grouped(x, kernel, self.stride)
         return depthwise_conv3x3_shifted(x, kernel, self.stride)
 
+    @nn.nowrap
+    def conv_geometry(self, in_features: int) -> dict:
+        """Declares this layer as `lax.conv_general_dilated` arguments (NHWC input, HWIO kernel).
+
+        Transforms that re-implement a layer from its kernel (the int8 serving path
+        of `jaxcomp.quant.int8`) read this instead of knowing the class.
+
+        Args:
+          in_features: channels of the input.
+
+        Returns:
+          {'window_strides', 'padding', 'feature_group_count'}.
+        """
+        return {
+            "window_strides": (self.stride, self.stride),
+            "padding": _PADDING,
+            "feature_group_count": in_features,
+        }
+
 
 def batch_norm(train: bool, name: str) -> nn.BatchNorm:
     """BatchNorm with the momentum and epsilon torchvision's MobileNetV2 uses."""

@@ -1,0 +1,197 @@
+"""The detector's compression stages, built from a config: the glue between `prune/` and training.
+
+`prune/` knows nothing of detectors; this module supplies what it needs (default
+rules that keep the first conv and the heatmap's last conv dense, the model's
+channel groups) and measures what a compressed model buys: non-zeros, FLOPs,
+bytes on disk and, for channel pruning, a physically smaller model.
+"""
+
+import os
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from jaxcomp import flops, paths, prune
+from jaxcomp.config import prune_end_step
+from jaxcomp.models import centernet, create_model
+
+
+def default_prune_rules(
+    method: str, sparsity: float, names: list[str]
+) -> tuple[tuple[str, Any], ...]:
+    """Which leaves (or channel groups) a detector prunes by default, and how much.
+
+    Conv kernels only (not biases or norms); the first conv (3 input channels) and
+    the heatmap head's last conv stay dense, as detector pruning recipes do. For
+    'channel' the rules name channel groups (`centernet.channel_groups`).
+
+    Args:
+      method: 'unstructured', 'nm' or 'channel'.
+      sparsity: the target of every selected leaf (or group).
+      names: the leaf (or group) names, so that exclusions a model does not have
+        (the tiny model has no stem group) are left out instead of reported.
+    """
+    if method == "channel":
+        exclusions = [r"backbone/stem"]
+        everything = r".*"
+    else:
+        exclusions = [r"backbone/stem/conv/kernel", r"heatmap/out/kernel"]
+        if method == "nm":
+            # Depthwise kernels are [3, 3, 1, C]: one input channel, so no N:M groups.
+            exclusions.append(r".*depthwise.*kernel")
+        everything = r".*kernel"
+    present = [rule for rule in exclusions if any(re.fullmatch(rule, name) for name in names)]
+    return (*((rule, None) for rule in present), (everything, sparsity))
+
+
+def prune_rules(config: ml_collections.ConfigDict, names: list[str]) -> tuple[tuple[str, Any], ...]:
+    """`config.prune.rules`, or the detector defaults when it is None."""
+    if config.prune.rules is not None:
+        return tuple(tuple(rule) for rule in config.prune.rules)
+    return default_prune_rules(config.prune.method, config.prune.sparsity, names)
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> prune.Schedule:
+    """The sparsity schedule `config.prune.schedule` over [begin_step, end_step]."""
+    prune_config = config.prune
+    begin, end = prune_config.begin_step, prune_end_step(config)
+    if prune_config.schedule == "one_shot":
+        return prune.one_shot_schedule(prune_config.sparsity, begin)
+    if prune_config.schedule == "iterative":
+        return prune.iterative_schedule(prune_config.sparsity, begin, end, prune_config.num_prunes)
+    return prune.polynomial_schedule(prune_config.sparsity, begin, end, prune_config.frequency)
+
+
+def make_pruner(config: ml_collections.ConfigDict, variables: Any) -> prune.Pruner | None:
+    """The pruner a config asks for (None for `config.prune.method == 'none'`).
+
+    Args:
+      config: the experiment config.
+      variables: the model's (abstract) variables, for the channel groups.
+    """
+    if config.prune.method == "none":
+        return None
+    groups = None
+    names = paths.leaf_names(variables["params"])
+    if config.prune.method == "channel":
+        groups = prune.subtree_groups(centernet.channel_groups(variables), "params/")
+        names = list(groups)
+    return prune.make_pruner(
+        prune_rules(config, names),
+        make_schedule(config),
+        method=config.prune.method,
+        score=config.prune.score,
+        scope=config.prune.scope,
+        n=config.prune.n,
+        m=config.prune.m,
+        norm=config.prune.norm,
+        channel_groups=groups,
+    )
+
+
+def wrap_optimizer(
+    optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict, variables: Any
+) -> optax.GradientTransformation:
+    """Adds the config's pruner to `optimizer`, so its state carries the masks."""
+    pruner = make_pruner(config, variables)
+    if pruner is None:
+        return optimizer
+    key = (
+        jax.random.fold_in(jax.random.key(config.seed), 1)
+        if config.prune.score == "random"
+        else None
+    )
+    return prune.pruned_optimizer(optimizer, pruner, key=key)
+
+
+def model_flops(model: nn.Module, variables: Any, image_size: int) -> dict[str, float]:
+    """Forward FLOPs for one image: dense, and counting only non-zero kernel entries."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.uint8)
+    positions = flops.kernel_output_positions(model, variables, images, train=False)
+    params = variables["params"]
+    return {
+        "flops": flops.count_flops(params, positions)["total"],
+        "flops_nonzero": flops.count_flops(params, positions, nonzero_only=True)["total"],
+    }
+
+
+def export_report(
+    model: nn.Module, variables: Any, image_size: int, directory: str
+) -> dict[str, float]:
+    """Saves `variables` dense and sparse under `directory` and measures both.
+
+    Orbax compresses checkpoints (zstd), so runs of zeros already shrink the dense
+    checkpoint; the sparse form (bitmask + non-zero values) wins at high sparsity.
+    `bytes_float32` is the uncompressed size, what the unpruned model takes on disk
+    (trained float32 weights do not compress).
+
+    Returns:
+      parameters, non-zeros, sparsity, FLOPs (dense and non-zero only), bytes of
+      the raw float32 arrays, of the dense orbax checkpoint and of the sparse one.
+    """
+    variables = jax.device_get(variables)
+    report = prune.sparsity_report(variables["params"])
+    dense_dir, sparse_dir = os.path.join(directory, "dense"), os.path.join(directory, "sparse")
+    prune.save_dense(dense_dir, variables)
+    prune.save_sparse(sparse_dir, variables)
+    return {
+        "parameters": report["total"]["size"],
+        "nonzeros": report["total"]["nonzeros"],
+        "sparsity": report["total"]["sparsity"],
+        **model_flops(model, variables, image_size),
+        "bytes_float32": sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(variables)),
+        "bytes_dense": prune.directory_bytes(dense_dir),
+        "bytes_sparse": prune.directory_bytes(sparse_dir),
+    }
+
+
+def shrink_channels(
+    variables: Any, config: ml_collections.ConfigDict, num_classes: int
+) -> tuple[nn.Module, Any, dict[str, int]]:
+    """Builds the physically smaller model of a channel-masked one.
+
+    Args:
+      variables: {'params', 'batch_stats'} whose pruned channels are zero.
+      config: the experiment config (model name and depthwise implementation).
+      num_classes: heatmap channels.
+
+    Returns:
+      (model, variables, widths): the shrunk model, its sliced variables and the
+      new width of every channel group (`config.model.channels` to rebuild it).
+    """
+    groups = centernet.channel_groups(variables)
+    keep = prune.channel_keep_indices(variables, groups)
+    widths = prune.group_widths(keep)
+    model = create_model(
+        config.model.name,
+        num_classes=num_classes,
+        depthwise_impl=config.model.depthwise_impl,
+        channels=widths,
+    )
+    return model, prune.shrink_tree(variables, groups, keep), widths
+
+
+def format_compression_table(summary: dict[str, Any]) -> str:
+    """Markdown table of `train.compression_summary`: the model (and its shrunk form)."""
+    lines = [
+        "| model | AP | AP50 | parameters | non-zeros | sparsity | MFLOPs | MFLOPs non-zero "
+        "| KiB float32 | KiB on disk, dense | KiB on disk, sparse |",
+        "|---|" + "---:|" * 10,
+    ]
+    for name in ("model", "shrunk"):
+        if name not in summary:
+            continue
+        row = summary[name]
+        lines.append(
+            f"| {name} | {100 * row['AP']:.1f} | {100 * row['AP50']:.1f} | {row['parameters']:,} "
+            f"| {row['nonzeros']:,} | {100 * row['sparsity']:.1f}% | {row['flops'] / 1e6:.1f} "
+            f"| {row['flops_nonzero'] / 1e6:.1f} | {row['bytes_float32'] / 1024:.0f} "
+            f"| {row['bytes_dense'] / 1024:.0f} "
+            f"| {row['bytes_sparse'] / 1024:.0f} |"
+        )
+    return "\n".join(lines)

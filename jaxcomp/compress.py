@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxcomp import flops, paths, prune
+from jaxcomp import flops, paths, prune, quant
 from jaxcomp.config import prune_end_step
 from jaxcomp.models import centernet, create_model
 
@@ -109,6 +109,31 @@ def wrap_optimizer(
     return prune.pruned_optimizer(optimizer, pruner, key=key)
 
 
+def default_quant_rules() -> tuple[tuple[str, Any], ...]:
+    """Layers a detector quantizes by default: all but the first conv and the heatmap output.
+
+    The first conv sees raw pixels and the heatmap's last conv sets the scores, so
+    int8 detector recipes keep both in float.
+    """
+    return ((r"backbone/stem/conv", None), (r"heatmap/out", None), (r".*", True))
+
+
+def make_quant_config(config: ml_collections.ConfigDict) -> quant.QuantConfig | None:
+    """The `QuantConfig` of `config.quant` (None for mode 'none')."""
+    if config.quant.mode == "none":
+        return None
+    rules = config.quant.rules
+    return quant.QuantConfig(
+        weight_bits=config.quant.weight_bits,
+        activation_bits=config.quant.activation_bits,
+        activation_symmetric=config.quant.activation_symmetric,
+        observer=config.quant.observer,
+        momentum=config.quant.momentum,
+        freeze_observers_step=config.quant.freeze_observers_step,
+        rules=default_quant_rules() if rules is None else tuple(tuple(rule) for rule in rules),
+    )
+
+
 def model_flops(model: nn.Module, variables: Any, image_size: int) -> dict[str, float]:
     """Forward FLOPs for one image: dense, and counting only non-zero kernel entries."""
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.uint8)
@@ -120,33 +145,42 @@ def model_flops(model: nn.Module, variables: Any, image_size: int) -> dict[str, 
     }
 
 
-def export_report(
-    model: nn.Module, variables: Any, image_size: int, directory: str
-) -> dict[str, float]:
-    """Saves `variables` dense and sparse under `directory` and measures both.
+def save_and_measure(tree: Any, directory: str) -> dict[str, int]:
+    """Saves `tree` with orbax dense and sparse under `directory`; bytes of each and raw.
 
     Orbax compresses checkpoints (zstd), so runs of zeros already shrink the dense
     checkpoint; the sparse form (bitmask + non-zero values) wins at high sparsity.
-    `bytes_float32` is the uncompressed size, what the unpruned model takes on disk
-    (trained float32 weights do not compress).
+    `bytes_raw` is the arrays' uncompressed size: about what an unpruned float32
+    model takes on disk, as trained weights do not compress.
+    """
+    tree = jax.device_get(tree)
+    dense_dir, sparse_dir = os.path.join(directory, "dense"), os.path.join(directory, "sparse")
+    prune.save_dense(dense_dir, tree)
+    prune.save_sparse(sparse_dir, tree)
+    return {
+        "bytes_raw": int(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree))),
+        "bytes_dense": prune.directory_bytes(dense_dir),
+        "bytes_sparse": prune.directory_bytes(sparse_dir),
+    }
+
+
+def export_report(
+    model: nn.Module, variables: Any, image_size: int, directory: str
+) -> dict[str, float]:
+    """Saves a float model's `variables` under `directory` and measures what it costs.
 
     Returns:
-      parameters, non-zeros, sparsity, FLOPs (dense and non-zero only), bytes of
-      the raw float32 arrays, of the dense orbax checkpoint and of the sparse one.
+      parameters, non-zeros, sparsity, forward FLOPs (dense and non-zero only) and
+      the bytes of `save_and_measure`.
     """
     variables = jax.device_get(variables)
     report = prune.sparsity_report(variables["params"])
-    dense_dir, sparse_dir = os.path.join(directory, "dense"), os.path.join(directory, "sparse")
-    prune.save_dense(dense_dir, variables)
-    prune.save_sparse(sparse_dir, variables)
     return {
         "parameters": report["total"]["size"],
         "nonzeros": report["total"]["nonzeros"],
         "sparsity": report["total"]["sparsity"],
         **model_flops(model, variables, image_size),
-        "bytes_float32": sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(variables)),
-        "bytes_dense": prune.directory_bytes(dense_dir),
-        "bytes_sparse": prune.directory_bytes(sparse_dir),
+        **save_and_measure(variables, directory),
     }
 
 
@@ -177,20 +211,20 @@ def shrink_channels(
 
 
 def format_compression_table(summary: dict[str, Any]) -> str:
-    """Markdown table of `train.compression_summary`: the model (and its shrunk form)."""
+    """Markdown table of `train.compression_summary`: the model, shrunk and int8 forms."""
     lines = [
         "| model | AP | AP50 | parameters | non-zeros | sparsity | MFLOPs | MFLOPs non-zero "
-        "| KiB float32 | KiB on disk, dense | KiB on disk, sparse |",
+        "| KiB raw arrays | KiB on disk, dense | KiB on disk, sparse |",
         "|---|" + "---:|" * 10,
     ]
-    for name in ("model", "shrunk"):
+    for name in ("model", "shrunk", "int8"):
         if name not in summary:
             continue
         row = summary[name]
         lines.append(
             f"| {name} | {100 * row['AP']:.1f} | {100 * row['AP50']:.1f} | {row['parameters']:,} "
             f"| {row['nonzeros']:,} | {100 * row['sparsity']:.1f}% | {row['flops'] / 1e6:.1f} "
-            f"| {row['flops_nonzero'] / 1e6:.1f} | {row['bytes_float32'] / 1024:.0f} "
+            f"| {row['flops_nonzero'] / 1e6:.1f} | {row['bytes_raw'] / 1024:.0f} "
             f"| {row['bytes_dense'] / 1024:.0f} "
             f"| {row['bytes_sparse'] / 1024:.0f} |"
         )

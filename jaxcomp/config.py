@@ -93,6 +93,23 @@ def default_config() -> ml_collections.ConfigDict:
     config.prune.m = 4
     config.prune.norm = "l1"  # channel score: 'l1' or 'l2' norm of each filter
 
+    config.quant = ml_collections.ConfigDict()
+    # 'none'; 'ptq': calibrate activation ranges over config.train.steps batches, no
+    # gradient steps; 'qat': fine-tune with fake-quantized weights and activations.
+    config.quant.mode = "none"
+    config.quant.weight_bits = 8  # symmetric per output channel, [-127, 127]
+    config.quant.activation_bits = 8  # per tensor
+    config.quant.activation_symmetric = False
+    config.quant.observer = "minmax"  # 'minmax' or 'ema'
+    config.quant.momentum = 0.9  # of the 'ema' observer
+    # QAT: observers stop updating, and BatchNorm switches to its running statistics,
+    # at these steps (None: never); the usual recipe freezes both for the last part.
+    config.quant.freeze_observers_step = config_dict.placeholder(int)
+    config.quant.freeze_bn_step = config_dict.placeholder(int)
+    # [(regex over layer paths, True or None), ...]; None picks the detector defaults
+    # (`jaxcomp.compress.default_quant_rules`: first conv and heatmap output stay float).
+    config.quant.rules = config_dict.placeholder(tuple)
+
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 32
     config.eval.top_k = 100
@@ -193,6 +210,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     for name, weight in config.loss.items():
         _require(weight >= 0, f"config.loss.{name} must be >= 0, got {weight}")
     _validate_prune(config)
+    _validate_quant(config)
 
 
 _PRUNE_CHOICES = {
@@ -202,6 +220,38 @@ _PRUNE_CHOICES = {
     "schedule": ("one_shot", "iterative", "polynomial"),
     "norm": ("l1", "l2"),
 }
+
+
+def _validate_quant(config: ml_collections.ConfigDict) -> None:
+    quant = config.quant
+    _require(
+        quant.mode in ("none", "ptq", "qat"),
+        f"config.quant.mode={quant.mode!r}; use one of ('none', 'ptq', 'qat')",
+    )
+    if quant.mode == "none":
+        return
+    for field in ("weight_bits", "activation_bits"):
+        bits = quant[field]
+        _require(
+            isinstance(bits, int) and 2 <= bits <= 8,
+            f"config.quant.{field} must be an integer in [2, 8], got {bits!r}",
+        )
+    _require(
+        quant.observer in ("minmax", "ema"),
+        f"config.quant.observer={quant.observer!r}; use 'minmax' or 'ema'",
+    )
+    for field in ("freeze_observers_step", "freeze_bn_step"):
+        step = quant[field]
+        _require(
+            step is None or 0 <= step <= config.train.steps,
+            f"config.quant.{field}={step} must be None or in [0, config.train.steps="
+            f"{config.train.steps}]",
+        )
+    _require(
+        quant.mode != "ptq" or config.init_from,
+        "config.quant.mode='ptq' calibrates a trained model: set config.init_from to its "
+        "workdir (e.g. workdirs/student)",
+    )
 
 
 def _validate_prune(config: ml_collections.ConfigDict) -> None:

@@ -28,7 +28,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxcomp import compress, evaluation, paths, prune
+from jaxcomp import compress, evaluation, paths, prune, quant
 from jaxcomp.config import validate_config
 from jaxcomp.data import pipeline
 from jaxcomp.detection import decode_detections, detection_loss
@@ -41,12 +41,17 @@ EVAL_FIELDS = ("image", "boxes", "labels", "box_mask", "image_id", "valid")
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a checkpoint restores: step, parameters, BatchNorm statistics, optimizer."""
+    """Everything a checkpoint restores: step, parameters, BatchNorm statistics, optimizer.
+
+    Pruning masks live inside `opt_state` (`prune.pruned_optimizer`); int8 runs add
+    their activation observers as `quant_stats` (None otherwise).
+    """
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: optax.OptState
+    quant_stats: Any = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -121,6 +126,7 @@ def create_train_state(
     image_size: int,
     rng: jax.Array,
     variables: dict | None = None,
+    quant_config: quant.QuantConfig | None = None,
 ) -> TrainState:
     """Initializes parameters, statistics and optimizer state (call under `jax.jit`).
 
@@ -130,24 +136,37 @@ def create_train_state(
       image_size: side of the square input; parameters do not depend on it.
       rng: PRNG key for parameter initialization.
       variables: {'params', 'batch_stats'} to start from (fine-tuning) instead of `rng`.
+      quant_config: if given, empty activation observers are added as `quant_stats`.
 
     Returns:
       A TrainState at step 0.
     """
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
     if variables is None:
-        images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
         variables = model.init(rng, images, train=False)
-    params = variables["params"]
+    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    quant_stats = None
+    if quant_config is not None:
+        quant_stats = quant.init_quant_stats(
+            model.apply, variables, images, config=quant_config, train=False
+        )
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=params,
+        params=variables["params"],
         batch_stats=variables["batch_stats"],
-        opt_state=optimizer.init(params),
+        opt_state=optimizer.init(variables["params"]),
+        quant_stats=quant_stats,
     )
 
 
 def init_state(
-    model, optimizer, image_size: int, seed: int, mesh: Mesh, variables: dict | None = None
+    model,
+    optimizer,
+    image_size: int,
+    seed: int,
+    mesh: Mesh,
+    variables: dict | None = None,
+    quant_config: quant.QuantConfig | None = None,
 ) -> TrainState:
     """Creates the replicated initial TrainState in one jitted call (eager init is far slower).
 
@@ -155,10 +174,13 @@ def init_state(
       model, optimizer, image_size, seed: as for `create_train_state` (rng from `seed`).
       mesh: the device mesh; the state is replicated over it.
       variables: optional {'params', 'batch_stats'} to start from (see `restore_variables`).
+      quant_config: adds activation observers for int8 runs (`compress.make_quant_config`).
     """
     replicated = NamedSharding(mesh, PartitionSpec())
     init_fn = jax.jit(
-        functools.partial(create_train_state, model, optimizer, image_size),
+        functools.partial(
+            create_train_state, model, optimizer, image_size, quant_config=quant_config
+        ),
         out_shardings=replicated,
     )
     return init_fn(jax.random.key(seed), variables)
@@ -181,6 +203,8 @@ def train_step(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
     loss_weights: dict[str, float],
+    quant_config: quant.QuantConfig | None = None,
+    freeze_bn_step: int | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a (global) batch.
 
@@ -188,57 +212,166 @@ def train_step(
       state: the current TrainState.
       batch: the TRAIN_FIELDS of a batch, sharded over the `data` axis.
       model: the detector.
-      optimizer: the optax transformation the state was created with.
+      optimizer: the optax transformation the state was created with (pruning
+        masks, if any, are applied inside it).
       loss_weights: heatmap_weight, size_weight, offset_weight.
+      quant_config: int8 QAT: BN-folded fake-quant weights and fake-quant layer
+        inputs, observers updated in `state.quant_stats`.
+      freeze_bn_step: from this step on BatchNorm uses (and keeps) its running
+        statistics, as QAT recipes do for the last part of fine-tuning.
 
     Returns:
       The new state and scalar metrics (loss terms, gradient norm).
     """
 
-    def loss_fn(params):
-        outputs, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
-            train=True,
-            mutable=["batch_stats"],
-        )
+    def loss_fn(params, batch_norm_trains: bool):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        if quant_config is None:
+            outputs, updates = model.apply(
+                variables, batch["image"], train=batch_norm_trains, mutable=["batch_stats"]
+            )
+        else:
+            outputs, updates = quant.quantized_apply(
+                model.apply,
+                {**variables, quant.QUANT_STATS: state.quant_stats},
+                batch["image"],
+                config=quant_config,
+                mode="qat",
+                step=state.step,
+                train=batch_norm_trains,
+                mutable=["batch_stats"],
+            )
         loss, terms = detection_loss(outputs, batch, **loss_weights)
-        return loss, (terms, updates["batch_stats"])
+        return loss, (terms, updates)
 
-    grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    def gradients(batch_norm_trains: bool):
+        return lambda params: jax.grad(loss_fn, has_aux=True)(params, batch_norm_trains)
+
+    if freeze_bn_step is None:
+        grads, (terms, collections) = gradients(True)(state.params)
+    else:
+        grads, (terms, collections) = jax.lax.cond(
+            state.step < freeze_bn_step, gradients(True), gradients(False), state.params
+        )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
+        batch_stats=collections["batch_stats"],
         opt_state=opt_state,
+        quant_stats=collections.get(quant.QUANT_STATS, state.quant_stats),
     )
     return new_state, {**terms, "grad_norm": optax.global_norm(grads)}
 
 
-def eval_step(state: TrainState, images: jax.Array, *, model: nn.Module, top_k: int):
-    """Runs the detector in inference mode and decodes its top-k detections."""
-    outputs = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+def calibration_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    quant_config: quant.QuantConfig,
+    loss_weights: dict[str, float],
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Post-training quantization: observes layer input ranges on a batch, no gradient step.
+
+    Returns the state with updated `quant_stats` and the float model's loss terms.
+    """
+    outputs, updates = quant.quantized_apply(
+        model.apply,
+        {
+            "params": state.params,
+            "batch_stats": state.batch_stats,
+            quant.QUANT_STATS: state.quant_stats,
+        },
+        batch["image"],
+        config=quant_config,
+        mode="calibrate",
+        train=False,
     )
+    _, terms = detection_loss(outputs, batch, **loss_weights)
+    return state.replace(step=state.step + 1, quant_stats=updates[quant.QUANT_STATS]), terms
+
+
+def eval_step(
+    state: TrainState,
+    images: jax.Array,
+    *,
+    model: nn.Module,
+    top_k: int,
+    quant_config: quant.QuantConfig | None = None,
+):
+    """Runs the detector in inference mode (fake-quant if configured) and decodes top-k."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if quant_config is None:
+        outputs = model.apply(variables, images, train=False)
+    else:
+        outputs = quant.quantized_apply(
+            model.apply,
+            {**variables, quant.QUANT_STATS: state.quant_stats},
+            images,
+            config=quant_config,
+            mode="eval",
+            train=False,
+        )
     return decode_detections(outputs, k=top_k, stride=OUTPUT_STRIDE)
 
 
-def jit_train_step(model, optimizer, loss_weights, mesh: Mesh) -> Callable:
+def int8_eval_step(
+    int8_tree: dict, images: jax.Array, *, model: nn.Module, top_k: int, quant_config
+):
+    """The int8 serving path (int8 x int8 -> int32 layers), decoded like `eval_step`."""
+    outputs = quant.int8_apply(model, int8_tree, images, config=quant_config, train=False)
+    return decode_detections(outputs, k=top_k, stride=OUTPUT_STRIDE)
+
+
+def jit_train_step(
+    model,
+    optimizer,
+    loss_weights,
+    mesh: Mesh,
+    quant_config: quant.QuantConfig | None = None,
+    freeze_bn_step: int | None = None,
+) -> Callable:
     """The train step compiled once: state replicated (and donated), batch sharded."""
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
-        functools.partial(train_step, model=model, optimizer=optimizer, loss_weights=loss_weights),
+        functools.partial(
+            train_step,
+            model=model,
+            optimizer=optimizer,
+            loss_weights=loss_weights,
+            quant_config=quant_config,
+            freeze_bn_step=freeze_bn_step,
+        ),
         in_shardings=(replicated, NamedSharding(mesh, PartitionSpec("data"))),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
 
 
-def jit_eval_step(model, top_k: int, mesh: Mesh) -> Callable:
-    """The eval step compiled once; detections stay sharded over the batch."""
+def jit_calibration_step(model, quant_config, loss_weights, mesh: Mesh) -> Callable:
+    """`calibration_step` compiled once, sharded like the train step."""
+    replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
-        functools.partial(eval_step, model=model, top_k=top_k),
+        functools.partial(
+            calibration_step, model=model, quant_config=quant_config, loss_weights=loss_weights
+        ),
+        in_shardings=(replicated, NamedSharding(mesh, PartitionSpec("data"))),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(
+    model, top_k: int, mesh: Mesh, quant_config: quant.QuantConfig | None = None, *, int8=False
+) -> Callable:
+    """The eval step compiled once; detections stay sharded over the batch.
+
+    With `int8=True` the first argument is the tree of `quant.convert_to_int8`.
+    """
+    step = int8_eval_step if int8 else eval_step
+    return jax.jit(
+        functools.partial(step, model=model, top_k=top_k, quant_config=quant_config),
         in_shardings=(
             NamedSharding(mesh, PartitionSpec()),
             NamedSharding(mesh, PartitionSpec("data")),
@@ -440,6 +573,7 @@ class Experiment:
     model: nn.Module
     variables: Any  # abstract (shapes and dtypes only)
     optimizer: optax.GradientTransformation
+    quant_config: quant.QuantConfig | None
     train_step: Callable
     eval_step: Callable
 
@@ -458,9 +592,19 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     optimizer = compress.wrap_optimizer(
         make_optimizer(config.optim, config.train.steps), config, variables
     )
-    # Checks pruning rules against the real leaf names now, before any file is written.
+    quant_config = compress.make_quant_config(config)
+    # Checks pruning and quantization rules against the real names now, before any
+    # file is written.
     jax.eval_shape(optimizer.init, variables["params"])
+    if quant_config is not None:
+        quant.quantized_layers(variables["params"], quant_config)
     mesh = make_mesh()
+    if config.quant.mode == "ptq":
+        step = jit_calibration_step(model, quant_config, dict(config.loss), mesh)
+    else:
+        step = jit_train_step(
+            model, optimizer, dict(config.loss), mesh, quant_config, config.quant.freeze_bn_step
+        )
     return Experiment(
         config=config,
         mesh=mesh,
@@ -468,8 +612,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         model=model,
         variables=variables,
         optimizer=optimizer,
-        train_step=jit_train_step(model, optimizer, dict(config.loss), mesh),
-        eval_step=jit_eval_step(model, config.eval.top_k, mesh),
+        quant_config=quant_config,
+        train_step=step,
+        eval_step=jit_eval_step(model, config.eval.top_k, mesh, quant_config),
     )
 
 
@@ -529,6 +674,7 @@ def train_and_evaluate(
         config.seed,
         experiment.mesh,
         start_variables,
+        experiment.quant_config,
     )
     state = restore_latest(manager, state)
     start_step = int(state.step)
@@ -617,6 +763,31 @@ def compression_summary(
             "AP": shrunk_metrics["AP"],
             "AP50": shrunk_metrics["AP50"],
             "channels": sorted(widths.items()),
+        }
+    if experiment.quant_config is not None:
+        int8_tree = jax.device_get(
+            quant.convert_to_int8(
+                state.params, state.batch_stats, state.quant_stats, experiment.quant_config
+            )
+        )
+        int8_experiment = dataclasses.replace(
+            experiment,
+            eval_step=jit_eval_step(
+                experiment.model,
+                config.eval.top_k,
+                experiment.mesh,
+                experiment.quant_config,
+                int8=True,
+            ),
+        )
+        replicated = NamedSharding(experiment.mesh, PartitionSpec())
+        int8_metrics = evaluate_experiment(int8_experiment, jax.device_put(int8_tree, replicated))
+        # Same layers, parameters and FLOPs as the fake-quant model; int8 storage.
+        summary["int8"] = {
+            **summary["model"],
+            **compress.save_and_measure(int8_tree, os.path.join(export_dir, "int8")),
+            "AP": int8_metrics["AP"],
+            "AP50": int8_metrics["AP50"],
         }
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "compression.json"), "w") as f:

@@ -80,6 +80,8 @@ def test_config_files_load_and_validate():
         "configs/prune_magnitude.py:0.9",
         "configs/prune_nm.py",
         "configs/prune_channels.py",
+        "configs/ptq_int8.py",
+        "configs/qat_int8.py",
         "configs/voc.py:teacher",
         "configs/coco.py:student",
     ]:

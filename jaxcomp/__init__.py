@@ -1,6 +1,18 @@
 """jaxcomp: compress object detectors in JAX with pure functions over parameter pytrees."""
 
-from jaxcomp import compress, data, detection, evaluation, flops, models, paths, prune, quant, train
+from jaxcomp import (
+    compress,
+    data,
+    detection,
+    evaluation,
+    flops,
+    models,
+    paths,
+    prune,
+    quant,
+    report,
+    train,
+)
 from jaxcomp.config import default_config, load_config_file, validate_config
 from jaxcomp.evaluation import coco_metrics, format_metrics_table
 from jaxcomp.models import create_model
@@ -28,6 +40,7 @@ __all__ = [
     "paths",
     "prune",
     "quant",
+    "report",
     "resolve_rules",
     "train",
     "train_and_evaluate",

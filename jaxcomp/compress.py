@@ -43,7 +43,7 @@ def default_prune_rules(
         exclusions = [r"backbone/stem/conv/kernel", r"heatmap/out/kernel"]
         if method == "nm":
             # Depthwise kernels are [3, 3, 1, C]: one input channel, so no N:M groups.
-            exclusions.append(r".*depthwise.*kernel")
+            exclusions.append(r".*(depthwise|_dw)/.*kernel")
         everything = r".*kernel"
     present = [rule for rule in exclusions if any(re.fullmatch(rule, name) for name in names)]
     return (*((rule, None) for rule in present), (everything, sparsity))

@@ -28,7 +28,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxcomp import compress, evaluation, paths, prune, quant
+from jaxcomp import compress, evaluation, paths, prune, quant, report
 from jaxcomp.config import validate_config
 from jaxcomp.data import pipeline
 from jaxcomp.detection import decode_detections, detection_loss
@@ -725,8 +725,10 @@ def compression_summary(
 
     Exports the model dense and sparse (`workdir/export/{dense,sparse}`); a
     channel-pruned model is also shrunk into a smaller model (`export/shrunk`),
-    evaluated, and its widths recorded as `config.model.channels`. Everything goes
-    to `workdir/compression.json`.
+    evaluated, and its widths recorded as `config.model.channels`; an int8 model is
+    converted, exported and evaluated on the int8 serving path. Everything goes to
+    `workdir/compression.json`, the per-layer sparsity also to `sparsity.md` and
+    `sparsity.png`.
     """
     config = experiment.config
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
@@ -792,6 +794,9 @@ def compression_summary(
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "compression.json"), "w") as f:
             json.dump(summary, f, indent=2, default=_json_default)
+        with open(os.path.join(workdir, "sparsity.md"), "w") as f:
+            f.write(prune.format_sparsity_table(summary["layers"]) + "\n")
+        report.plot_layer_sparsity(summary["layers"], os.path.join(workdir, "sparsity.png"))
         print(compress.format_compression_table(summary), flush=True)
     return summary
 

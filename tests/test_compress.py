@@ -10,6 +10,7 @@ import pytest
 
 from jaxcomp import compress, paths, prune, train
 from jaxcomp.config import validate_config
+from jaxcomp.data import pipeline
 from jaxcomp.models import create_model
 
 
@@ -21,6 +22,19 @@ def _prune_config(config, method, sparsity=0.5):
     config.prune.end_step = 4
     config.prune.frequency = 2
     return config
+
+
+def _first_batches(experiment, count):
+    config = experiment.config
+    dataset = pipeline.train_dataset(
+        experiment.builder.as_data_source("train"),
+        image_size=config.data.image_size,
+        global_batch_size=config.train.batch_size,
+        max_objects=config.data.max_objects,
+        num_classes=pipeline.num_classes(experiment.builder),
+        seed=config.seed,
+    )
+    return [dataset[step] for step in range(count)]
 
 
 def _restore_final_state(config, workdir):
@@ -93,6 +107,8 @@ def test_gradual_pruning_run_keeps_exact_masks_in_the_checkpoint(tiny_config, tm
     # compared in tests/test_prune_storage.py on a larger tree; here they must be measured.
     assert min(model["bytes_raw"], model["bytes_dense"], model["bytes_sparse"]) > 0
     assert os.path.isdir(tmp_path / "export" / "sparse")
+    assert os.path.getsize(tmp_path / "sparsity.png") > 10_000
+    assert "| **pruned leaves** |" in open(tmp_path / "sparsity.md").read()
 
 
 def test_channel_pruning_run_exports_a_smaller_model_with_equal_outputs(tiny_config, tmp_path):
@@ -166,3 +182,27 @@ def test_rules_that_match_nothing_fail_before_training(tiny_config, tmp_path):
     with pytest.raises(ValueError, match="matched no leaf"):
         train.train_and_evaluate(tiny_config, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_nm_pruning_step_compiles_once_and_keeps_the_pattern(tiny_config):
+    config = _prune_config(tiny_config, "nm")
+    config.prune.schedule = "one_shot"
+    experiment = train.build_experiment(config)
+    state = train.init_state(experiment.model, experiment.optimizer, 64, 0, experiment.mesh)
+    batches = [
+        train.global_batch(batch, experiment.mesh, train.TRAIN_FIELDS)
+        for batch in _first_batches(experiment, 3)
+    ]
+    for batch in batches:  # the first step computes the masks, the others only apply them
+        state, _ = experiment.train_step(state, batch)
+    assert experiment.train_step._cache_size() == 1, "the pruning train step re-compiled"
+    params = jax.device_get(state.params)
+    rules = dict(compress.default_prune_rules("nm", 0.5, paths.leaf_names(params)))
+    checked = 0
+    for name, kernel in zip(paths.leaf_names(params), jax.tree.leaves(params), strict=True):
+        if not name.endswith("kernel") or "depthwise" in name or "_dw/" in name or name in rules:
+            continue
+        groups = np.moveaxis(kernel, -2, -1).reshape(-1, 4)
+        assert ((groups != 0).sum(axis=1) <= 2).all(), f"{name} breaks 2:4"
+        checked += 1
+    assert checked > 10

@@ -1,0 +1,167 @@
+r"""What int8 fake quantization costs in a train step, and the int8 serving path's speed.
+
+Run:
+  make bench     # runs this after the other benchmarks
+  python benchmarks/quant.py --repeats=5
+
+For the student (batch 16, 128x128, this backend's default depthwise conv), timed
+alternately so that machine noise hits both sides alike:
+- the QAT train step (BN-folded fake-quant weights, fake-quant layer inputs with
+  EMA observers, BatchNorm freezing under `lax.cond`) over the float step
+  (target: at most 1.15);
+- inference: the fake-quant forward and the real int8 serving forward (int8 x
+  int8 -> int32 convolutions) over the float forward. XLA:CPU has no fast int8
+  convolution kernels, so on CPU the int8 path is expected to be slower; it is
+  here to check numerics and to be timed on hardware with int8 units.
+Prints a table and writes benchmarks/quant.json.
+"""
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from absl import app, flags
+from common import NUM_CLASSES, synthetic_batch
+
+from jaxcomp import compress, quant, train
+from jaxcomp.config import default_config
+from jaxcomp.models import create_model
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "centernet_student", "Model variant.")
+flags.DEFINE_integer("batch_size", 16, "Global batch size.")
+flags.DEFINE_integer("image_size", 128, "Input side.")
+flags.DEFINE_integer("repeats", 9, "Timed calls per measurement (medians are reported).")
+flags.DEFINE_string(
+    "output", os.path.join(os.path.dirname(__file__), "quant.json"), "JSON results."
+)
+
+
+def _seconds(fn: Callable, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def _qat_config():
+    config = default_config()
+    config.quant.mode = "qat"
+    config.quant.observer = "ema"
+    config.quant.freeze_observers_step = 700
+    config.quant.freeze_bn_step = 800
+    return config
+
+
+def _alternate(runners: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Times each runner once per round, round after round, after one untimed call each."""
+    for run in runners.values():
+        run()
+    times = {name: [] for name in runners}
+    for _ in range(FLAGS.repeats):
+        for name, run in runners.items():
+            times[name].append(run())
+    return times
+
+
+def main(argv):
+    del argv
+    mesh = train.make_mesh()
+    batch = train.global_batch(
+        synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, train.TRAIN_FIELDS
+    )
+    config = _qat_config()
+    quant_config = compress.make_quant_config(config)
+    model = create_model(FLAGS.model, num_classes=NUM_CLASSES)
+    optimizer = train.make_optimizer(config.optim, 1000)
+    loss_weights = dict(config.loss)
+
+    states, steps = {}, {}
+    for name, qc, freeze in (("float", None, None), ("qat", quant_config, 800)):
+        states[name] = train.init_state(
+            model, optimizer, FLAGS.image_size, 0, mesh, quant_config=qc
+        )
+        steps[name] = train.jit_train_step(model, optimizer, loss_weights, mesh, qc, freeze)
+
+    def step_runner(name):
+        def run():
+            start = time.perf_counter()
+            states[name], metrics = steps[name](states[name], batch)
+            jax.block_until_ready(metrics)
+            return time.perf_counter() - start
+
+        return run
+
+    step_times = _alternate({name: step_runner(name) for name in steps})
+
+    state = states["qat"]
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    int8_tree = quant.convert_to_int8(
+        state.params, state.batch_stats, state.quant_stats, quant_config
+    )
+    images = batch["image"]
+    forwards = {
+        "float": jax.jit(lambda v, x: model.apply(v, x, train=False)),
+        "fake_quant": jax.jit(
+            lambda v, x: quant.quantized_apply(
+                model.apply, v, x, config=quant_config, mode="eval", train=False
+            )
+        ),
+        "int8": jax.jit(
+            lambda tree, x: quant.int8_apply(model, tree, x, config=quant_config, train=False)
+        ),
+    }
+    forward_args = {
+        "float": variables,
+        "fake_quant": {**variables, quant.QUANT_STATS: state.quant_stats},
+        "int8": int8_tree,
+    }
+    forward_times = _alternate(
+        {
+            name: (lambda name=name: _seconds(forwards[name], forward_args[name], images))
+            for name in forwards
+        }
+    )
+
+    def median_ms(values):
+        return 1000 * float(np.median(values))
+
+    def paired_ratio(numerator, denominator):
+        return float(np.median(np.array(numerator) / np.array(denominator)))
+
+    results = {
+        "float_step_ms": median_ms(step_times["float"]),
+        "qat_step_ms": median_ms(step_times["qat"]),
+        "qat_over_float_step": paired_ratio(step_times["qat"], step_times["float"]),
+        **{f"{name}_forward_ms": median_ms(times) for name, times in forward_times.items()},
+        "fake_quant_over_float_forward": paired_ratio(
+            forward_times["fake_quant"], forward_times["float"]
+        ),
+        "int8_over_float_forward": paired_ratio(forward_times["int8"], forward_times["float"]),
+    }
+    print(
+        f"\nbackend={jax.default_backend()} model={FLAGS.model} batch={FLAGS.batch_size} "
+        f"image={FLAGS.image_size} repeats={FLAGS.repeats}"
+    )
+    print("| measurement | ms (median) | over float |\n|---|---:|---:|")
+    print(f"| float train step | {results['float_step_ms']:.0f} | 1.00 |")
+    print(
+        f"| QAT train step | {results['qat_step_ms']:.0f} | {results['qat_over_float_step']:.3f} |"
+    )
+    print(f"| float forward | {results['float_forward_ms']:.1f} | 1.00 |")
+    print(
+        f"| fake-quant forward | {results['fake_quant_forward_ms']:.1f} | "
+        f"{results['fake_quant_over_float_forward']:.2f} |"
+    )
+    print(
+        f"| int8 serving forward | {results['int8_forward_ms']:.1f} | "
+        f"{results['int8_over_float_forward']:.2f} |"
+    )
+    with open(FLAGS.output, "w") as f:
+        json.dump({"backend": jax.default_backend(), "model": FLAGS.model, **results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,5 +1,9 @@
 """Shared by the benchmark scripts (run as `python benchmarks/<script>.py`, so importable)."""
 
+import time
+from collections.abc import Callable
+
+import jax
 import numpy as np
 
 from jaxcomp.models import OUTPUT_STRIDE
@@ -19,3 +23,34 @@ def synthetic_batch(batch_size: int, image_size: int, max_objects: int = 16) -> 
         "offset": rng.random((batch_size, max_objects, 2), dtype=np.float32),
         "target_mask": np.ones((batch_size, max_objects), np.float32),
     }
+
+
+def seconds(fn: Callable, *args) -> float:
+    """Wall time of one call of `fn(*args)`, waiting for its results."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def alternate(runners: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Times each runner once per round, round after round, after one untimed call each.
+
+    Alternating makes machine noise (these machines are shared) hit every side alike,
+    so the median of paired ratios is steadier than a ratio of separate medians.
+    """
+    for run in runners.values():
+        run()
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            times[name].append(run())
+    return times
+
+
+def median_ms(values: list[float]) -> float:
+    return 1000 * float(np.median(values))
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of numerator / denominator."""
+    return float(np.median(np.array(numerator) / np.array(denominator)))

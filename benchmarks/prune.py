@@ -15,15 +15,15 @@ For the student (batch 16, 128x128, this backend's default depthwise conv):
 Prints a table and writes benchmarks/prune.json.
 """
 
+import functools
 import json
 import os
 import time
-from collections.abc import Callable
 
 import jax
 import numpy as np
 from absl import app, flags
-from common import NUM_CLASSES, synthetic_batch
+from common import NUM_CLASSES, alternate, median_ms, paired_ratio, seconds, synthetic_batch
 
 from jaxcomp import compress, flops, prune, train
 from jaxcomp.config import default_config
@@ -41,13 +41,6 @@ flags.DEFINE_string(
 )
 
 
-def _timed(fn: Callable, *args) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn(*args)
-    jax.block_until_ready(out)
-    return time.perf_counter() - start, out
-
-
 def _step_runner(model, optimizer, mesh, batch, variables=None):
     """A closure that runs one train step on its own state and returns the seconds."""
     config = default_config()
@@ -56,10 +49,11 @@ def _step_runner(model, optimizer, mesh, batch, variables=None):
     holder = {"state": state}
 
     def run() -> float:
-        seconds, (holder["state"], _) = _timed(step, holder["state"], batch)
-        return seconds
+        start = time.perf_counter()
+        holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - start
 
-    run()  # compile, and the pruner's first (mask-computing) update
     return run
 
 
@@ -70,17 +64,18 @@ def masked_step_overhead(mesh, batch) -> dict:
     masked_optimizer = prune.pruned_optimizer(
         dense_optimizer, prune.make_pruner(FLAGS.sparsity, schedule)
     )
-    dense = _step_runner(model, dense_optimizer, mesh, batch)
-    masked = _step_runner(model, masked_optimizer, mesh, batch)
-    dense_times, masked_times = [], []
-    for _ in range(FLAGS.repeats):  # alternate, so that noise hits both alike
-        dense_times.append(dense())
-        masked_times.append(masked())
-    ratios = np.array(masked_times) / np.array(dense_times)
+    # The untimed first call compiles and runs the pruner's first (mask-computing) update.
+    times = alternate(
+        {
+            "dense": _step_runner(model, dense_optimizer, mesh, batch),
+            "masked": _step_runner(model, masked_optimizer, mesh, batch),
+        },
+        FLAGS.repeats,
+    )
     return {
-        "unmasked_step_ms": 1000 * float(np.median(dense_times)),
-        "masked_step_ms": 1000 * float(np.median(masked_times)),
-        "masked_over_dense": float(np.median(ratios)),
+        "unmasked_step_ms": median_ms(times["dense"]),
+        "masked_step_ms": median_ms(times["masked"]),
+        "masked_over_dense": paired_ratio(times["masked"], times["dense"]),
     }
 
 
@@ -89,9 +84,8 @@ def mask_computation_cost(variables) -> dict:
     rows = {}
     for scope in ("layer", "global"):
         make = jax.jit(lambda p, scope=scope: prune.magnitude_masks(p, FLAGS.sparsity, scope=scope))
-        compile_seconds, _ = _timed(make, params)
-        times = [_timed(make, params)[0] for _ in range(FLAGS.repeats)]
-        rows[f"masks_{scope}_ms"] = 1000 * float(np.median(times))
+        compile_seconds = seconds(make, params)
+        rows[f"masks_{scope}_ms"] = median_ms([seconds(make, params) for _ in range(FLAGS.repeats)])
         rows[f"masks_{scope}_compile_s"] = compile_seconds
     return rows
 
@@ -111,31 +105,20 @@ def shrunk_model(mesh, batch, variables) -> dict:
         FLAGS.model, num_classes=NUM_CLASSES, channels=prune.group_widths(keep)
     )
     optimizer = train.make_optimizer(default_config().optim, 1000)
-    rows = {}
+    models = {"dense": (dense_model, variables), "shrunk": (small_model, small_variables)}
     runners = {
-        "dense": _step_runner(dense_model, optimizer, mesh, batch, variables),
-        "shrunk": _step_runner(small_model, optimizer, mesh, batch, small_variables),
+        f"{name}_step": _step_runner(model, optimizer, mesh, batch, model_variables)
+        for name, (model, model_variables) in models.items()
     }
-    forwards = {
-        "dense": (dense_model, variables),
-        "shrunk": (small_model, small_variables),
-    }
-    step_times = {name: [] for name in runners}
-    forward_times = {name: [] for name in runners}
-    forward_fns = {
-        name: jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))
-        for name, (model, _) in forwards.items()
-    }
-    for name, fn in forward_fns.items():
-        _timed(fn, forwards[name][1], batch["image"])
-    for _ in range(FLAGS.repeats):
-        for name in runners:
-            step_times[name].append(runners[name]())
-            forward_times[name].append(
-                _timed(forward_fns[name], forwards[name][1], batch["image"])[0]
-            )
+    for name, (model, model_variables) in models.items():
+        forward = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
+        runners[f"{name}_forward"] = functools.partial(
+            seconds, forward, model_variables, batch["image"]
+        )
+    times = alternate(runners, FLAGS.repeats)
+    rows = {}
     images = jax.ShapeDtypeStruct((1, FLAGS.image_size, FLAGS.image_size, 3), np.uint8)
-    for name, (model, model_variables) in forwards.items():
+    for name, (model, model_variables) in models.items():
         positions = flops.kernel_output_positions(model, model_variables, images, train=False)
         rows[f"{name}_parameters"] = int(
             sum(np.size(x) for x in jax.tree.leaves(model_variables["params"]))
@@ -143,14 +126,12 @@ def shrunk_model(mesh, batch, variables) -> dict:
         rows[f"{name}_mflops"] = (
             flops.count_flops(model_variables["params"], positions)["total"] / 1e6
         )
-        rows[f"{name}_step_ms"] = 1000 * float(np.median(step_times[name]))
-        rows[f"{name}_forward_ms"] = 1000 * float(np.median(forward_times[name]))
-    rows["shrunk_over_dense_step"] = float(
-        np.median(np.array(step_times["shrunk"]) / np.array(step_times["dense"]))
-    )
-    rows["shrunk_over_dense_forward"] = float(
-        np.median(np.array(forward_times["shrunk"]) / np.array(forward_times["dense"]))
-    )
+        for kind in ("step", "forward"):
+            rows[f"{name}_{kind}_ms"] = median_ms(times[f"{name}_{kind}"])
+    for kind in ("step", "forward"):
+        rows[f"shrunk_over_dense_{kind}"] = paired_ratio(
+            times[f"shrunk_{kind}"], times[f"dense_{kind}"]
+        )
     return rows
 
 

@@ -19,12 +19,10 @@ Prints a table and writes benchmarks/quant.json.
 import json
 import os
 import time
-from collections.abc import Callable
 
 import jax
-import numpy as np
 from absl import app, flags
-from common import NUM_CLASSES, synthetic_batch
+from common import NUM_CLASSES, alternate, median_ms, paired_ratio, seconds, synthetic_batch
 
 from jaxcomp import compress, quant, train
 from jaxcomp.config import default_config
@@ -40,12 +38,6 @@ flags.DEFINE_string(
 )
 
 
-def _seconds(fn: Callable, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
 def _qat_config():
     config = default_config()
     config.quant.mode = "qat"
@@ -53,17 +45,6 @@ def _qat_config():
     config.quant.freeze_observers_step = 700
     config.quant.freeze_bn_step = 800
     return config
-
-
-def _alternate(runners: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
-    """Times each runner once per round, round after round, after one untimed call each."""
-    for run in runners.values():
-        run()
-    times = {name: [] for name in runners}
-    for _ in range(FLAGS.repeats):
-        for name, run in runners.items():
-            times[name].append(run())
-    return times
 
 
 def main(argv):
@@ -94,7 +75,7 @@ def main(argv):
 
         return run
 
-    step_times = _alternate({name: step_runner(name) for name in steps})
+    step_times = alternate({name: step_runner(name) for name in steps}, FLAGS.repeats)
 
     state = states["qat"]
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -118,18 +99,13 @@ def main(argv):
         "fake_quant": {**variables, quant.QUANT_STATS: state.quant_stats},
         "int8": int8_tree,
     }
-    forward_times = _alternate(
+    forward_times = alternate(
         {
-            name: (lambda name=name: _seconds(forwards[name], forward_args[name], images))
+            name: (lambda name=name: seconds(forwards[name], forward_args[name], images))
             for name in forwards
-        }
+        },
+        FLAGS.repeats,
     )
-
-    def median_ms(values):
-        return 1000 * float(np.median(values))
-
-    def paired_ratio(numerator, denominator):
-        return float(np.median(np.array(numerator) / np.array(denominator)))
 
     results = {
         "float_step_ms": median_ms(step_times["float"]),

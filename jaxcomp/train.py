@@ -618,6 +618,22 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     )
 
 
+def experiment_train_dataset(experiment: Experiment):
+    """This process's training batches: `dataset[step]` is its rows of global batch `step`."""
+    config = experiment.config
+    return pipeline.train_dataset(
+        experiment.builder.as_data_source(config.data.train_split),
+        image_size=config.data.image_size,
+        global_batch_size=config.train.batch_size,
+        max_objects=config.data.max_objects,
+        num_classes=pipeline.num_classes(experiment.builder),
+        seed=config.seed,
+        stride=OUTPUT_STRIDE,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
 def evaluate_experiment(experiment: Experiment, state: TrainState) -> dict[str, float]:
     """COCO metrics of `state` on the config's eval split (this process's shard)."""
     config = experiment.config
@@ -680,18 +696,7 @@ def train_and_evaluate(
     start_step = int(state.step)
     num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
 
-    train_source = experiment.builder.as_data_source(config.data.train_split)
-    dataset = pipeline.train_dataset(
-        train_source,
-        image_size=config.data.image_size,
-        global_batch_size=config.train.batch_size,
-        max_objects=config.data.max_objects,
-        num_classes=pipeline.num_classes(experiment.builder),
-        seed=config.seed,
-        stride=OUTPUT_STRIDE,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    dataset = experiment_train_dataset(experiment)
     end_step = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
     if start_step >= end_step < config.train.steps:
         manager.close()

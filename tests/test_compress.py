@@ -10,7 +10,6 @@ import pytest
 
 from jaxcomp import compress, paths, prune, train
 from jaxcomp.config import validate_config
-from jaxcomp.data import pipeline
 from jaxcomp.models import create_model
 
 
@@ -25,15 +24,7 @@ def _prune_config(config, method, sparsity=0.5):
 
 
 def _first_batches(experiment, count):
-    config = experiment.config
-    dataset = pipeline.train_dataset(
-        experiment.builder.as_data_source("train"),
-        image_size=config.data.image_size,
-        global_batch_size=config.train.batch_size,
-        max_objects=config.data.max_objects,
-        num_classes=pipeline.num_classes(experiment.builder),
-        seed=config.seed,
-    )
+    dataset = train.experiment_train_dataset(experiment)
     return [dataset[step] for step in range(count)]
 
 

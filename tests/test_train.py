@@ -12,21 +12,12 @@ import numpy as np
 import pytest
 
 from jaxcomp import train
-from jaxcomp.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _first_batches(experiment, count):
-    config = experiment.config
-    dataset = pipeline.train_dataset(
-        experiment.builder.as_data_source("train"),
-        image_size=config.data.image_size,
-        global_batch_size=config.train.batch_size,
-        max_objects=config.data.max_objects,
-        num_classes=pipeline.num_classes(experiment.builder),
-        seed=config.seed,
-    )
+    dataset = train.experiment_train_dataset(experiment)
     return [dataset[step] for step in range(count)]
 
 

@@ -167,17 +167,33 @@ def fake_quant_weights(
     Example:
       >>> params = fake_quant_weights(params, [(r".*/kernel", True)])
     """
+    return _fake_quant_selected(
+        params,
+        rules,
+        bits,
+        on_unmatched,
+        lambda _, leaf, leaf_bits: fake_quant_kernel(leaf, leaf_bits),
+    )
+
+
+def _fake_quant_selected(
+    params: Any,
+    rules: Rules,
+    bits: int,
+    on_unmatched: str,
+    quantize_leaf: Callable[[str, jax.Array, int], jax.Array],
+) -> Any:
+    """`quantize_leaf(name, kernel, bits)` on the kernels `rules` select; other leaves as is."""
     values = _rule_values(params, rules, on_unmatched)
-    names = leaf_names(params)
     leaves, treedef = jax.tree.flatten(params)
     out = []
-    for name, leaf, value in zip(names, leaves, values, strict=True):
+    for name, leaf, value in zip(leaf_names(params), leaves, values, strict=True):
         leaf_bits = _bits_for(value, bits, name)
         if leaf_bits is None:
             out.append(leaf)
             continue
         _check_kernel(name, leaf)
-        out.append(fake_quant_kernel(leaf, leaf_bits))
+        out.append(quantize_leaf(name, leaf, leaf_bits))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -291,32 +307,23 @@ def fake_quant_folded_weights(
     Returns:
       A params pytree of the same structure.
     """
-    values = _rule_values(params, rules, on_unmatched)
-    names = leaf_names(params)
-    by_name = dict(zip(names, jax.tree.leaves(params), strict=True))
+    by_name = _leaves_by_name(params)
     stats = _leaves_by_name(batch_stats)
     pairs = conv_bn_pairs(params, conv_pattern, bn_template)
-    leaves, treedef = jax.tree.flatten(params)
-    out = []
-    for name, leaf, value in zip(names, leaves, values, strict=True):
-        leaf_bits = _bits_for(value, bits, name)
-        if leaf_bits is None:
-            out.append(leaf)
-            continue
-        _check_kernel(name, leaf)
+
+    def quantize_leaf(name: str, leaf: jax.Array, leaf_bits: int) -> jax.Array:
         bn = pairs.get(name)
         if bn is None:
-            out.append(fake_quant_kernel(leaf, leaf_bits))
-            continue
+            return fake_quant_kernel(leaf, leaf_bits)
         if f"{bn}/var" not in stats:
             raise ValueError(
                 f"{name} is paired with BatchNorm {bn} but batch_stats has no {bn}/var; "
                 "pass the model's batch_stats collection"
             )
-        out.append(
-            _folded_fake_quant(leaf, by_name[f"{bn}/scale"], stats[f"{bn}/var"], leaf_bits, epsilon)
-        )
-    return jax.tree.unflatten(treedef, out)
+        scale, var = by_name[f"{bn}/scale"], stats[f"{bn}/var"]
+        return _folded_fake_quant(leaf, scale, var, leaf_bits, epsilon)
+
+    return _fake_quant_selected(params, rules, bits, on_unmatched, quantize_leaf)
 
 
 def kernel_rules(rules: Rules) -> list[tuple[str, Any]]:

@@ -1,8 +1,11 @@
 """Pruned params that are really smaller on disk: a bitmask of non-zeros plus their values.
 
 `save_sparse` stores each leaf as `np.packbits` of its non-zero entries and the
-non-zero entries themselves, written with orbax; a small JSON records names,
-shapes, dtypes and the tree's containers. "Non-zero" is decided on the raw bit
+non-zero entries themselves; all leaves' bitmasks and all their values are
+concatenated into two byte arrays written with orbax (one array per leaf would
+cost orbax's per-array metadata, ~1 KB each, which outweighs a small model's
+weights), and a small JSON records names, shapes, dtypes, offsets and the tree's
+containers. "Non-zero" is decided on the raw bit
 pattern, so -0.0 and NaN payloads round-trip bit-exactly; values are stored as
 raw bytes for the same reason. A leaf where the bitmask does not pay off (few
 zeros) is stored dense. `save_dense` is a plain orbax save of the same tree, so
@@ -22,7 +25,7 @@ from jaxcomp.paths import leaf_names
 
 _ARRAYS = "arrays"
 _METADATA = "sparse_tree.json"
-_FORMAT = 1
+_FORMAT = 2
 
 
 def _write_orbax(directory: str, tree: Any) -> None:
@@ -107,45 +110,61 @@ def save_sparse(directory: str, tree: Any) -> None:
       >>> directory_bytes("/tmp/pruned") < directory_bytes("/tmp/dense")
     """
     leaves, treedef = jax.tree.flatten(tree)
-    records, arrays = [], {}
-    for index, (name, leaf) in enumerate(zip(leaf_names(tree), leaves, strict=True)):
+    records, bit_chunks, value_chunks = [], [], []
+    bits_offset = values_offset = 0
+    for name, leaf in zip(leaf_names(tree), leaves, strict=True):
         array = np.asarray(leaf)
         record = {"name": name, "shape": list(array.shape), "dtype": array.dtype.name}
         raw = _raw_bytes(array)
         nonzero = raw.any(axis=1)
         count = int(nonzero.sum())
-        bitmask_pays = array.size / 8 + count * array.dtype.itemsize < array.nbytes
-        key = f"leaf_{index:05d}"
         if count == 0:
             record["kind"] = "zeros"
-        elif bitmask_pays:
+        elif array.size / 8 + count * array.dtype.itemsize < array.nbytes:
             record["kind"] = "sparse"
-            arrays[key] = {"bits": np.packbits(nonzero), "values": raw[nonzero]}
+            bits = np.packbits(nonzero)
+            record["bits"] = [bits_offset, bits.size]
+            bit_chunks.append(bits)
+            bits_offset += bits.size
+            values = raw[nonzero].reshape(-1)
         else:
             record["kind"] = "dense"
-            arrays[key] = {"values": raw}
+            values = raw.reshape(-1)
+        if count:
+            record["values"] = [values_offset, values.size]
+            value_chunks.append(values)
+            values_offset += values.size
         records.append(record)
     index_tree = jax.tree.unflatten(treedef, list(range(len(leaves))))
     metadata = {"format": _FORMAT, "structure": _encode_structure(index_tree), "leaves": records}
     os.makedirs(directory, exist_ok=True)
     if os.listdir(directory):
         raise ValueError(f"save_sparse needs a new or empty directory, {directory!r} has files")
+    arrays = {
+        name: np.concatenate(chunks)
+        for name, chunks in (("bits", bit_chunks), ("values", value_chunks))
+        if chunks
+    }
     if arrays:
         _write_orbax(os.path.join(directory, _ARRAYS), arrays)
     with open(os.path.join(directory, _METADATA), "w") as file:
         json.dump(metadata, file)
 
 
-def _decode_leaf(record: dict, stored: dict | None) -> np.ndarray:
+def _decode_leaf(record: dict, stored: dict) -> np.ndarray:
     dtype = np.dtype(jax.numpy.dtype(record["dtype"]))
     shape = tuple(record["shape"])
     size = int(np.prod(shape, dtype=np.int64))
     raw = np.zeros((size, dtype.itemsize), np.uint8)
-    if record["kind"] == "sparse":
-        nonzero = np.unpackbits(stored["bits"], count=size).astype(bool)
-        raw[nonzero] = stored["values"]
-    elif record["kind"] == "dense":
-        raw = np.asarray(stored["values"], np.uint8)
+    if record["kind"] != "zeros":
+        start, length = record["values"]
+        values = np.asarray(stored["values"][start : start + length], np.uint8)
+        if record["kind"] == "sparse":
+            start, length = record["bits"]
+            nonzero = np.unpackbits(stored["bits"][start : start + length], count=size)
+            raw[nonzero.astype(bool)] = values.reshape(-1, dtype.itemsize)
+        else:
+            raw = values.reshape(size, dtype.itemsize)
     return raw.reshape(-1).view(dtype).reshape(shape)
 
 
@@ -166,10 +185,7 @@ def load_sparse(directory: str, target: Any = None) -> Any:
     records = metadata["leaves"]
     arrays_dir = os.path.join(directory, _ARRAYS)
     stored = _read_orbax(arrays_dir) if os.path.exists(arrays_dir) else {}
-    leaves = [
-        _decode_leaf(record, stored.get(f"leaf_{index:05d}"))
-        for index, record in enumerate(records)
-    ]
+    leaves = [_decode_leaf(record, stored) for record in records]
     if target is not None:
         names = [record["name"] for record in records]
         if leaf_names(target) != names:

@@ -26,9 +26,13 @@ def default_prune_rules(
 ) -> tuple[tuple[str, Any], ...]:
     """Which leaves (or channel groups) a detector prunes by default, and how much.
 
-    Conv kernels only (not biases or norms); the first conv (3 input channels) and
-    the heatmap head's last conv stay dense, as detector pruning recipes do. For
-    'channel' the rules name channel groups (`centernet.channel_groups`).
+    Conv kernels only (not biases or norms). The first conv (3 input channels)
+    and the heatmap head's last conv stay dense, as detector pruning recipes do,
+    and so do the 3x3 depthwise kernels: they hold ~7% of the student's weights,
+    but 9 weights per channel do not survive unstructured pruning (the student
+    pruned to 80% over 1000 fine-tuning steps: AP50 12.5 with them, 22.9 without)
+    and have a single input channel, so no N:M groups. For 'channel' the rules
+    name channel groups (`centernet.channel_groups`).
 
     Args:
       method: 'unstructured', 'nm' or 'channel'.
@@ -40,10 +44,11 @@ def default_prune_rules(
         exclusions = [r"backbone/stem"]
         everything = r".*"
     else:
-        exclusions = [r"backbone/stem/conv/kernel", r"heatmap/out/kernel"]
-        if method == "nm":
-            # Depthwise kernels are [3, 3, 1, C]: one input channel, so no N:M groups.
-            exclusions.append(r".*(depthwise|_dw)/.*kernel")
+        exclusions = [
+            r"backbone/stem/conv/kernel",
+            r"heatmap/out/kernel",
+            r".*(depthwise|_dw)/.*kernel",
+        ]
         everything = r".*kernel"
     present = [rule for rule in exclusions if any(re.fullmatch(rule, name) for name in names)]
     return (*((rule, None) for rule in present), (everything, sparsity))

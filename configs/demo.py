@@ -1,4 +1,4 @@
-r"""The demo: teacher and student trained briefly, then the student pruned to 80%.
+r"""The demo: teacher and student trained briefly, then the student pruned to 50%.
 
 Command (all stages, then a side-by-side table):
   make demo        # = python -m jaxcomp.demo --workdir=workdirs/demo
@@ -17,13 +17,13 @@ STAGES = ("teacher", "student", "pruned")
 
 def get_config(arg: str = "student"):
     if arg == "pruned":
-        # Gradual magnitude pruning of the demo student to 80%, masks fixed after step 200.
+        # Gradual magnitude pruning of the demo student to 50%, masks fixed after step 200.
         config = finetune_config("workdirs/demo/student")
         config.train.steps = 300
         config.train.checkpoint_every = 100
         config.optim.warmup_steps = 25
         config.prune.method = "unstructured"
-        config.prune.sparsity = 0.8
+        config.prune.sparsity = 0.5
         config.prune.begin_step = 0
         config.prune.end_step = 200
         config.prune.frequency = 25

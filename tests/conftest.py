@@ -1,8 +1,10 @@
 """Shared fixtures: the tiny embedded dataset, built once per test session."""
 
 import jax
+import orbax.checkpoint as ocp
 import pytest
 
+from jaxcomp import train
 from jaxcomp.config import default_config
 from jaxcomp.data.embedded import prepare_embedded
 
@@ -47,3 +49,20 @@ def tiny_config(tiny_data_dir):
     config.eval.batch_size = 16
     config.eval.top_k = 20
     return config
+
+
+@pytest.fixture
+def save_initial_checkpoint():
+    """Writes a real orbax checkpoint of a freshly initialized run, as training would.
+
+    Cheaper than training a run first when a test only needs a checkpoint to start from.
+    """
+
+    def save(config, workdir, seed):
+        experiment = train.build_experiment(config)
+        state = train.init_state(experiment.model, experiment.optimizer, 64, seed, experiment.mesh)
+        with train.checkpoint_manager(str(workdir), config.train) as manager:
+            manager.save(0, args=ocp.args.StandardSave(state))
+        return jax.device_get(state)
+
+    return save

@@ -126,17 +126,19 @@ def test_channel_pruning_run_exports_a_smaller_model_with_equal_outputs(tiny_con
         np.testing.assert_allclose(actual[name], expected[name], rtol=1e-4, atol=1e-4)
 
 
-def test_init_from_starts_from_another_runs_parameters(tiny_config, tmp_path):
-    tiny_config.train.steps = 2
-    tiny_config.optim.warmup_steps = 1
-    train.train_and_evaluate(tiny_config, str(tmp_path / "dense"))
+def test_init_from_starts_from_another_runs_parameters(
+    tiny_config, tmp_path, save_initial_checkpoint
+):
+    saved = save_initial_checkpoint(tiny_config, tmp_path / "dense", seed=7)
     experiment = train.build_experiment(tiny_config)
     variables = train.restore_variables(str(tmp_path / "dense"), experiment.variables)
     state = train.init_state(
         experiment.model, experiment.optimizer, 64, 0, experiment.mesh, variables
     )
     for expected, actual in zip(
-        jax.tree.leaves(variables["params"]), jax.tree.leaves(state.params), strict=True
+        jax.tree.leaves((saved.params, saved.batch_stats)),
+        jax.tree.leaves((state.params, state.batch_stats)),
+        strict=True,
     ):
         np.testing.assert_array_equal(actual, expected)
 

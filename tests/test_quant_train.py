@@ -81,10 +81,10 @@ def test_pruned_qat_run_keeps_zeros_through_quantization_and_serves_int8(tiny_co
         assert (np.asarray(weight)[~mask] == 0).all(), f"{name}: a pruned weight became non-zero"
 
 
-def test_ptq_calibrates_without_changing_the_weights(tiny_config, tmp_path):
-    tiny_config.train.steps = 2
-    tiny_config.optim.warmup_steps = 1
-    train.train_and_evaluate(tiny_config, str(tmp_path / "float"))
+def test_ptq_calibrates_without_changing_the_weights(
+    tiny_config, tmp_path, save_initial_checkpoint
+):
+    save_initial_checkpoint(tiny_config, tmp_path / "float", seed=7)
     config = tiny_config
     config.init_from = str(tmp_path / "float")
     config.quant.mode = "ptq"

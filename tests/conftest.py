@@ -1,7 +1,6 @@
 """Shared fixtures: the tiny embedded dataset, built once per test session."""
 
 import jax
-import orbax.checkpoint as ocp
 import pytest
 
 from jaxcomp import train
@@ -62,7 +61,7 @@ def save_initial_checkpoint():
         experiment = train.build_experiment(config)
         state = train.init_state(experiment.model, experiment.optimizer, 64, seed, experiment.mesh)
         with train.checkpoint_manager(str(workdir), config.train) as manager:
-            manager.save(0, args=ocp.args.StandardSave(state))
+            train.save_checkpoint(manager, state)
         return jax.device_get(state)
 
     return save

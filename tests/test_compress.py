@@ -53,14 +53,7 @@ def test_gradual_pruning_run_keeps_exact_masks_in_the_checkpoint(tiny_config, tm
     )
     masks_by_step = {}
     for step in manager.all_steps():
-        state = jax.device_get(
-            manager.restore(
-                step,
-                args=ocp.args.StandardRestore(
-                    jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-                ),
-            )
-        )
+        state = jax.device_get(train.restore_checkpoint(manager, step, template))
         masks_by_step[step] = dict(
             zip(
                 paths.leaf_names(state.params),

@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from jaxcomp import paths, prune, quant, train
@@ -20,11 +19,8 @@ def _restore(config, workdir, step=None):
         quant_config=experiment.quant_config,
     )
     manager = train.checkpoint_manager(str(workdir), config.train)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     step = manager.latest_step() if step is None else step
-    return experiment, jax.device_get(
-        manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    )
+    return experiment, jax.device_get(train.restore_checkpoint(manager, step, template))
 
 
 def test_pruned_qat_run_keeps_zeros_through_quantization_and_serves_int8(tiny_config, tmp_path):

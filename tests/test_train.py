@@ -82,12 +82,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoint(tiny_config, 
     for step in manager.all_steps():
         experiment = train.build_experiment(tiny_config)
         template = train.init_state(experiment.model, experiment.optimizer, 64, 0, experiment.mesh)
-        restored = manager.restore(
-            step,
-            args=train.ocp.args.StandardRestore(
-                jax.tree.map(train.ocp.utils.to_shape_dtype_struct, template)
-            ),
-        )
+        restored = train.restore_checkpoint(manager, step, template)
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored.params))
 
 

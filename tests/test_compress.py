@@ -95,6 +95,8 @@ def test_gradual_pruning_run_keeps_exact_masks_in_the_checkpoint(tiny_config, tm
     assert "| **pruned leaves** |" in open(tmp_path / "sparsity.md").read()
 
 
+# ~55 s; tests/test_shrink.py checks shrunk == masked outputs on the model directly.
+@pytest.mark.slow
 def test_channel_pruning_run_exports_a_smaller_model_with_equal_outputs(tiny_config, tmp_path):
     config = _prune_config(tiny_config, "channel")
     result = train.train_and_evaluate(config, str(tmp_path))

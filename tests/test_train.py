@@ -200,6 +200,8 @@ def test_cli_sigterm_saves_and_exits_cleanly_then_resumes(tiny_config, tmp_path)
     assert json.loads(finish.stdout.strip().splitlines()[-1])["step"] == saved + 2
 
 
+# ~35 s; the same train loop as the embedded-data tests, through the VOC builder.
+@pytest.mark.slow
 def test_voc_config_trains_on_mock_voc(tmp_path):
     """configs/voc.py end to end on tfds.testing.mock_data (random VOC-shaped examples)."""
     import tensorflow_datasets as tfds

@@ -25,7 +25,7 @@ from absl import app, flags
 from common import NUM_CLASSES, alternate, median_ms, paired_ratio, seconds, synthetic_batch
 
 from jaxcomp import compress, quant, train
-from jaxcomp.config import default_config
+from jaxcomp.config import load_config_file
 from jaxcomp.models import create_model
 
 FLAGS = flags.FLAGS
@@ -38,22 +38,16 @@ flags.DEFINE_string(
 )
 
 
-def _qat_config():
-    config = default_config()
-    config.quant.mode = "qat"
-    config.quant.observer = "ema"
-    config.quant.freeze_observers_step = 700
-    config.quant.freeze_bn_step = 800
-    return config
-
-
 def main(argv):
     del argv
     mesh = train.make_mesh()
     batch = train.global_batch(
         synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, train.TRAIN_FIELDS
     )
-    config = _qat_config()
+    # The QAT recipe of configs/qat_int8.py (observers, bits, rules), on synthetic batches.
+    config = load_config_file(
+        os.path.join(os.path.dirname(__file__), "..", "configs", "qat_int8.py")
+    )
     quant_config = compress.make_quant_config(config)
     model = create_model(FLAGS.model, num_classes=NUM_CLASSES)
     optimizer = train.make_optimizer(config.optim, 1000)

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs
 
-.PHONY: demo test test-all bench lint format clean
+.PHONY: demo results test test-all bench lint format clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "jaxcomp needs Python >= 3.11, but $(PYTHON) is " + sys.version.split()[0] + "; run make PYTHON=python3.11 ...")'
@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m jaxcomp.demo --workdir=$(WORKDIR)/demo
+	$(BIN)/python -m jaxcomp.recipe --config=configs/demo.py --workdir=$(WORKDIR)/demo
+
+# The full-length recipe (hours on 2 CPU cores); resumes where it stopped.
+results: $(STAMP)
+	$(BIN)/python -m jaxcomp.recipe --config=configs/compress.py --workdir=$(WORKDIR)/compress \
+		--results_dir=results
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -27,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/prune.py
 	$(BIN)/python benchmarks/quant.py
+	$(BIN)/python benchmarks/distill.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

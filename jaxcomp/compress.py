@@ -6,8 +6,10 @@ channel groups) and measures what a compressed model buys: non-zeros, FLOPs,
 bytes on disk and, for channel pruning, a physically smaller model.
 """
 
+import dataclasses
 import os
 import re
+import shutil
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +20,7 @@ import optax
 
 from jaxcomp import flops, paths, prune, quant
 from jaxcomp.config import prune_end_step
+from jaxcomp.detection.distill import DistillSpec
 from jaxcomp.models import centernet, create_model
 
 
@@ -114,6 +117,12 @@ def wrap_optimizer(
     return prune.pruned_optimizer(optimizer, pruner, key=key)
 
 
+def make_distill_spec(config: ml_collections.ConfigDict) -> DistillSpec:
+    """The distillation terms of `config.distill` (raises ValueError on bad names or values)."""
+    fields = {field.name for field in dataclasses.fields(DistillSpec)}
+    return DistillSpec(**{name: config.distill[name] for name in sorted(fields)})
+
+
 def default_quant_rules() -> tuple[tuple[str, Any], ...]:
     """Layers a detector quantizes by default: all but the first conv and the heatmap output.
 
@@ -160,6 +169,10 @@ def save_and_measure(tree: Any, directory: str) -> dict[str, int]:
     """
     tree = jax.device_get(tree)
     dense_dir, sparse_dir = os.path.join(directory, "dense"), os.path.join(directory, "sparse")
+    # An export is derived from the checkpoint: re-evaluating a finished run rewrites it.
+    for path in (dense_dir, sparse_dir):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
     prune.save_dense(dense_dir, tree)
     prune.save_sparse(sparse_dir, tree)
     return {

@@ -19,7 +19,7 @@ def model_for_role(role: str) -> str:
     if role not in MODEL_ROLES:
         raise ValueError(
             f"the config argument must be one of {sorted(MODEL_ROLES)} "
-            f"(as in configs/demo.py:teacher), got {role!r}"
+            f"(as in configs/voc.py:teacher), got {role!r}"
         )
     return MODEL_ROLES[role]
 
@@ -109,6 +109,27 @@ def default_config() -> ml_collections.ConfigDict:
     # [(regex over layer paths, True or None), ...]; None picks the detector defaults
     # (`jaxcomp.compress.default_quant_rules`: first conv and heatmap output stay float).
     config.quant.rules = config_dict.placeholder(tuple)
+
+    config.distill = ml_collections.ConfigDict()
+    # Workdir of a trained teacher run; '' trains without distillation. The teacher
+    # runs frozen, in inference mode, on the same augmented batch inside the train step.
+    config.distill.teacher = ""
+    config.distill.teacher_model = "centernet_teacher"
+    config.distill.teacher_channels = ()  # the teacher's config.model.channels, if shrunk
+    # Loss names are keys of jaxcomp.distill.LOSSES; a weight of 0 turns a term off.
+    config.distill.temperature = 1.0  # of the heatmap soft targets
+    config.distill.heatmap_loss = "sigmoid_kl"
+    config.distill.heatmap_weight = 1.0
+    config.distill.heatmap_weighting = "teacher"  # 'none', 'teacher' or 'foreground'
+    config.distill.regression_loss = "l1"
+    config.distill.size_weight = 0.1
+    config.distill.offset_weight = 1.0
+    config.distill.regression_at = "teacher_peaks"  # or 'gt_centers'
+    config.distill.peak_threshold = 0.1
+    config.distill.feature_loss = "pkd"  # 'pkd' or 'cwd'
+    config.distill.feature_weight = 1.0
+    config.distill.feature_temperature = 1.0  # of 'cwd'
+    config.distill.feature_layer = "neck"  # module whose output is compared (1x1 adapter)
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 32
@@ -211,6 +232,29 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         _require(weight >= 0, f"config.loss.{name} must be >= 0, got {weight}")
     _validate_prune(config)
     _validate_quant(config)
+    _validate_distill(config)
+
+
+def _validate_distill(config: ml_collections.ConfigDict) -> None:
+    from jaxcomp.compress import make_distill_spec
+
+    settings = config.distill
+    if not settings.teacher:
+        return
+    _require(
+        settings.teacher_model in MODELS,
+        f"config.distill.teacher_model={settings.teacher_model!r} is not a model; use one of "
+        f"{sorted(MODELS)}",
+    )
+    _require(
+        config.quant.mode != "ptq",
+        "config.quant.mode='ptq' takes no gradient steps, so there is nothing to distil; "
+        "set config.distill.teacher='' or use config.quant.mode='qat'",
+    )
+    try:
+        make_distill_spec(config)
+    except ValueError as error:
+        raise ValueError(f"invalid config: config.distill: {error}") from None
 
 
 _PRUNE_CHOICES = {

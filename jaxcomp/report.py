@@ -38,3 +38,111 @@ def plot_layer_sparsity(report: dict[str, Any], path: str, title: str = "") -> N
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both size (smaller) and accuracy (higher), by size.
+
+    Example:
+      >>> pareto_front([(1, 0.2), (2, 0.1), (3, 0.5)])
+      [(1, 0.2), (3, 0.5)]
+    """
+    front, best = [], float("-inf")
+    for size, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if accuracy > best:
+            front.append((size, accuracy))
+            best = accuracy
+    return front
+
+
+def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str) -> None:
+    """AP against bytes on disk, one labelled point per model, the Pareto front drawn.
+
+    Args:
+      rows: `jaxcomp.recipe.result_row` dicts (stage, AP, bytes_on_disk).
+      path: where to write the image.
+    """
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    points = [(row["bytes_on_disk"] / 1024, 100 * row["AP"]) for row in rows]
+    axis.scatter(*zip(*points, strict=True), color="tab:blue", zorder=3)
+    for row, (size, accuracy) in zip(rows, points, strict=True):
+        axis.annotate(
+            row["stage"], (size, accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points"
+        )
+    front = pareto_front(points)
+    axis.step(
+        *zip(*front, strict=True), where="post", color="tab:orange", alpha=0.7, label="Pareto front"
+    )
+    axis.set_xscale("log")
+    axis.set_xlabel("KiB on disk (log scale)")
+    axis.set_ylabel("AP (%)")
+    axis.set_title("accuracy against size on disk")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_accuracy_vs_sparsity(rows: list[dict[str, Any]], path: str) -> None:
+    """AP against the fraction of zero weights, one series per pruning method.
+
+    Rows of the pruned models' architecture without pruning are drawn at their own
+    (near-zero) sparsity as the dense reference.
+    """
+    pruned_models = {row["model"] for row in rows if row["prune"] != "none"}
+    figure, axis = plt.subplots(figsize=(6, 4))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row["model"] in pruned_models or not pruned_models:
+            label = "dense" if row["prune"] == "none" else row["prune"]
+            series.setdefault(label, []).append((100 * row["sparsity"], 100 * row["AP"]))
+    for label, points in sorted(series.items()):
+        points.sort()
+        axis.plot(
+            *zip(*points, strict=True),
+            marker="o",
+            linestyle="-" if len(points) > 1 else "none",
+            label=label,
+        )
+    axis.set_xlabel("sparsity (% of all parameters that are zero)")
+    axis.set_ylabel("AP (%)")
+    axis.set_title("accuracy against sparsity")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_training_curves(curves: dict[str, dict[str, list]], path: str) -> None:
+    """Detection loss and eval AP50 against the train step, one line per run.
+
+    The left panel is the detection part of the loss only, so runs with and without
+    distillation terms compare like for like.
+
+    Args:
+      curves: run name -> {'loss': [(step, detection loss)], 'AP50': [(step, AP50 in
+        [0, 1])]}; either list may be empty.
+      path: where to write the image.
+    """
+    figure, (loss_axis, ap_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, curve in sorted(curves.items()):
+        if curve["loss"]:
+            loss_axis.plot(*zip(*curve["loss"], strict=True), label=name, linewidth=1)
+        if curve["AP50"]:
+            steps, values = zip(*curve["AP50"], strict=True)
+            ap_axis.plot(steps, [100 * value for value in values], marker="o", label=name)
+    loss_axis.set_yscale("log")
+    loss_axis.set_xlabel("train step")
+    loss_axis.set_ylabel("detection loss (train batches)")
+    ap_axis.set_xlabel("train step")
+    ap_axis.set_ylabel("eval AP50 (%)")
+    for axis in (loss_axis, ap_axis):
+        axis.grid(alpha=0.3)
+        if axis.has_data():
+            axis.legend(fontsize=8)
+    figure.suptitle("training curves")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -28,10 +28,11 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxcomp import compress, evaluation, paths, prune, quant, report
+from jaxcomp import compress, distill, evaluation, paths, prune, quant, report
 from jaxcomp.config import validate_config
 from jaxcomp.data import pipeline
 from jaxcomp.detection import decode_detections, detection_loss
+from jaxcomp.detection.distill import DistillSpec, distillation_loss
 from jaxcomp.models import OUTPUT_STRIDE, create_model
 
 # Batch fields the train step reads; the rest stay on the host.
@@ -44,7 +45,9 @@ class TrainState:
     """Everything a checkpoint restores: step, parameters, BatchNorm statistics, optimizer.
 
     Pruning masks live inside `opt_state` (`prune.pruned_optimizer`); int8 runs add
-    their activation observers as `quant_stats` (None otherwise).
+    their activation observers as `quant_stats`, distillation with a feature adapter
+    its parameters and optimizer state as `distill` ({'adapter', 'opt_state'}); both
+    are None otherwise. The teacher is not here: it is restored from its own run.
     """
 
     step: jax.Array
@@ -52,6 +55,28 @@ class TrainState:
     batch_stats: Any
     opt_state: optax.OptState
     quant_stats: Any = None
+    distill: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """A frozen teacher and what the student learns from it (`build_distillation`).
+
+    Attributes:
+      teacher: the teacher model (its variables are an argument of the step).
+      spec: the distillation terms and weights.
+      feature_layer: the module path (e.g. 'neck') whose output both networks'
+        feature term compares.
+      adapter_features: (student, teacher) feature widths when they differ: a 1x1
+        adapter maps the student's features to the teacher's width; else None.
+      adapter_optimizer: trains the adapter (with `adapter_features`).
+    """
+
+    teacher: nn.Module
+    spec: DistillSpec
+    feature_layer: str = "neck"
+    adapter_features: tuple[int, int] | None = None
+    adapter_optimizer: optax.GradientTransformation | None = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -199,18 +224,22 @@ def abstract_variables(model: nn.Module, image_size: int) -> dict:
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
+    teacher_variables: dict | None = None,
     *,
     model: nn.Module,
     optimizer: optax.GradientTransformation,
     loss_weights: dict[str, float],
     quant_config: quant.QuantConfig | None = None,
     batch_norm_trains: bool = True,
+    distillation: Distillation | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a (global) batch.
 
     Args:
       state: the current TrainState.
       batch: the TRAIN_FIELDS of a batch, sharded over the `data` axis.
+      teacher_variables: the frozen teacher's {'params', 'batch_stats'} (with
+        `distillation`); never updated, no gradient reaches them.
       model: the detector.
       optimizer: the optax transformation the state was created with (pruning
         masks, if any, are applied inside it).
@@ -219,41 +248,123 @@ def train_step(
         inputs, observers updated in `state.quant_stats`.
       batch_norm_trains: False freezes BatchNorm: it normalizes with (and keeps)
         its running statistics, as QAT recipes do for the last part of fine-tuning.
+      distillation: the teacher runs (inference mode) on the same batch and the
+        distillation terms are added to the detection loss.
 
     Returns:
       The new state and scalar metrics (loss terms, gradient norm).
     """
+    capture = None
+    teacher_outputs = teacher_features = None
+    if distillation is not None:
+        if distillation.spec.uses_features:
+            capture = _module_output_filter(distillation.feature_layer)
+        teacher_outputs, teacher_features = _teacher_forward(
+            distillation, teacher_variables, batch["image"], capture
+        )
 
-    def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        if quant_config is None:
-            outputs, updates = model.apply(
-                variables, batch["image"], train=batch_norm_trains, mutable=["batch_stats"]
-            )
-        else:
-            outputs, updates = quant.quantized_apply(
-                model.apply,
-                {**variables, quant.QUANT_STATS: state.quant_stats},
-                batch["image"],
-                config=quant_config,
-                mode="qat",
-                step=state.step,
-                train=batch_norm_trains,
-                mutable=["batch_stats"],
-            )
+    def loss_fn(params, adapter):
+        outputs, collections = _student_forward(
+            model, params, state, batch["image"], quant_config, batch_norm_trains, capture
+        )
         loss, terms = detection_loss(outputs, batch, **loss_weights)
-        return loss, (terms, updates)
+        if distillation is not None:
+            student_features = None
+            if capture is not None:
+                student_features = _captured(collections, distillation.feature_layer)
+                if adapter is not None:
+                    student_features = distill.apply_adapter(adapter, student_features)
+            distill_total, distill_terms = distillation_loss(
+                outputs,
+                teacher_outputs,
+                batch,
+                distillation.spec,
+                student_features,
+                teacher_features,
+            )
+            terms = {**terms, **distill_terms, "detection": loss}
+            loss = loss + distill_total
+            terms["total"] = loss
+        return loss, (terms, collections)
 
-    grads, (terms, collections) = jax.grad(loss_fn, has_aux=True)(state.params)
+    adapter = None if state.distill is None else state.distill["adapter"]
+    (grads, adapter_grads), (terms, collections) = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        state.params, adapter
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    distill_state = state.distill
+    if adapter is not None:
+        adapter_updates, adapter_opt_state = distillation.adapter_optimizer.update(
+            adapter_grads, state.distill["opt_state"], adapter
+        )
+        distill_state = {
+            "adapter": optax.apply_updates(adapter, adapter_updates),
+            "opt_state": adapter_opt_state,
+        }
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
         batch_stats=collections["batch_stats"],
         opt_state=opt_state,
         quant_stats=collections.get(quant.QUANT_STATS, state.quant_stats),
+        distill=distill_state,
     )
     return new_state, {**terms, "grad_norm": optax.global_norm(grads)}
+
+
+def _student_forward(model, params, state, images, quant_config, batch_norm_trains, capture):
+    """The student's training forward pass: outputs and updated collections."""
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    mutable = ["batch_stats", "intermediates"] if capture else ["batch_stats"]
+    kwargs = {"capture_intermediates": capture} if capture else {}
+    if quant_config is None:
+        return model.apply(variables, images, train=batch_norm_trains, mutable=mutable, **kwargs)
+    return quant.quantized_apply(
+        model.apply,
+        {**variables, quant.QUANT_STATS: state.quant_stats},
+        images,
+        config=quant_config,
+        mode="qat",
+        step=state.step,
+        train=batch_norm_trains,
+        mutable=mutable,
+        **kwargs,
+    )
+
+
+def _teacher_forward(distillation: Distillation, teacher_variables, images, capture):
+    """The frozen teacher in inference mode: outputs and (if captured) its feature map."""
+    teacher_variables = jax.lax.stop_gradient(teacher_variables)
+    if capture is None:
+        return distillation.teacher.apply(teacher_variables, images, train=False), None
+    outputs, collections = distillation.teacher.apply(
+        teacher_variables,
+        images,
+        train=False,
+        capture_intermediates=capture,
+        mutable=["intermediates"],
+    )
+    return outputs, jax.lax.stop_gradient(_captured(collections, distillation.feature_layer))
+
+
+def _module_output_filter(layer: str) -> Callable:
+    """A `capture_intermediates` filter that keeps the output of the module at `layer`."""
+    wanted = tuple(layer.split("/"))
+    return lambda module, method: method == "__call__" and module.path == wanted
+
+
+def _captured(collections: dict, layer: str) -> jax.Array:
+    """The [B, h, w, C] output of the module at `layer` from the 'intermediates' collection."""
+    node = collections.get("intermediates", {})
+    for part in layer.split("/"):
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    outputs = node.get("__call__") if isinstance(node, dict) else None
+    if not outputs or getattr(outputs[0], "ndim", None) != 4:
+        raise ValueError(
+            f"config.distill.feature_layer={layer!r} is not a module whose output is one "
+            "feature map; use 'neck' (the stride-4 map both detectors have)"
+        )
+    return outputs[0]
 
 
 def calibration_step(
@@ -323,9 +434,17 @@ def jit_train_step(
     mesh: Mesh,
     quant_config: quant.QuantConfig | None = None,
     batch_norm_trains: bool = True,
+    distillation: Distillation | None = None,
 ) -> Callable:
-    """The train step compiled once: state replicated (and donated), batch sharded."""
+    """The train step compiled once: state replicated (and donated), batch sharded.
+
+    With `distillation`, the compiled step takes the teacher's variables (replicated,
+    not donated) as a third argument.
+    """
     replicated = NamedSharding(mesh, PartitionSpec())
+    in_shardings = (replicated, NamedSharding(mesh, PartitionSpec("data")))
+    if distillation is not None:
+        in_shardings = (*in_shardings, replicated)
     return jax.jit(
         functools.partial(
             train_step,
@@ -334,8 +453,9 @@ def jit_train_step(
             loss_weights=loss_weights,
             quant_config=quant_config,
             batch_norm_trains=batch_norm_trains,
+            distillation=distillation,
         ),
-        in_shardings=(replicated, NamedSharding(mesh, PartitionSpec("data"))),
+        in_shardings=in_shardings,
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
@@ -445,12 +565,19 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
     return restore_checkpoint(manager, step, state)
 
 
-def restore_variables(workdir: str, expected: dict) -> dict:
+def restore_variables(
+    workdir: str,
+    expected: dict,
+    field: str = "config.init_from",
+    model_field: str = "config.model.name",
+) -> dict:
     """The params and BatchNorm statistics of the newest checkpoint in another run's workdir.
 
     Args:
-      workdir: the workdir of a finished run (`config.init_from`).
-      expected: the abstract variables of the model being trained, to check shapes against.
+      workdir: the workdir of a finished run (`config.init_from`, `config.distill.teacher`).
+      expected: the abstract variables of the model they are for, to check shapes against.
+      field: the config field that named `workdir`, for error messages.
+      model_field: the config field that names the model the variables are for.
 
     Returns:
       {'params': ..., 'batch_stats': ...} as arrays.
@@ -459,14 +586,18 @@ def restore_variables(workdir: str, expected: dict) -> dict:
     step = ocp.CheckpointManager(directory).latest_step() if os.path.isdir(directory) else None
     if step is None:
         raise FileNotFoundError(
-            f"config.init_from={workdir!r} holds no checkpoint (looked in {directory}); train "
-            "that model first (see its config's docstring) or set --config.init_from='' to "
-            "start from a random initialization"
+            f"{field}={workdir!r} holds no checkpoint (looked in {directory}); train "
+            "that model first (see its config's docstring) or point the field at a "
+            "finished run's workdir"
         )
     with ocp.CheckpointManager(directory) as manager:
         restored = manager.restore(step, args=ocp.args.StandardRestore())
     variables = {name: restored[name] for name in ("params", "batch_stats")}
-    _check_same_shapes(variables, expected, f"the checkpoint of step {step} in {directory}")
+    _check_same_shapes(
+        variables,
+        expected,
+        f"the checkpoint of step {step} in {directory} ({field}) does not fit {model_field}",
+    )
     return variables
 
 
@@ -482,9 +613,9 @@ def _check_same_shapes(tree: Any, expected: Any, source: str) -> None:
     ]
     if missing or extra or wrong:
         raise ValueError(
-            f"{source} does not fit config.model.name: missing {missing[:3]}, unexpected "
-            f"{extra[:3]}, shapes {wrong[:3]}; point config.init_from at a run of the same "
-            "model (and config.model.channels)"
+            f"{source}: missing {missing[:3]}, unexpected "
+            f"{extra[:3]}, shapes {wrong[:3]}; point it at a run of the same model (and "
+            "config.model.channels), trained on the same dataset"
         )
 
 
@@ -592,13 +723,19 @@ class Experiment:
     # Two programs switched on the host: a `lax.cond` between two whole forward and
     # backward passes made the QAT step 3x slower on CPU.
     frozen_bn_train_step: Callable | None = None
+    distillation: Distillation | None = None
+    # The teacher's {'params', 'batch_stats'}, replicated on the mesh (with distillation).
+    teacher_variables: Any = None
 
     def train_step_at(self, step: int) -> Callable:
-        """The compiled step that takes the state from `step` to `step + 1`."""
+        """The compiled step that takes the state from `step` to `step + 1`, as f(state, batch)."""
         freeze = self.config.quant.freeze_bn_step
+        compiled = self.train_step
         if self.frozen_bn_train_step is not None and step >= freeze:
-            return self.frozen_bn_train_step
-        return self.train_step
+            compiled = self.frozen_bn_train_step
+        if self.teacher_variables is None:
+            return compiled
+        return lambda state, batch: compiled(state, batch, self.teacher_variables)
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -622,14 +759,25 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     if quant_config is not None:
         quant.quantized_layers(variables["params"], quant_config)
     mesh = make_mesh()
+    distillation = teacher_variables = None
+    if config.distill.teacher:
+        distillation, teacher_variables = build_distillation(config, model, builder, mesh)
     frozen_bn_step = None
     if config.quant.mode == "ptq":
         step = jit_calibration_step(model, quant_config, dict(config.loss), mesh)
     else:
-        step = jit_train_step(model, optimizer, dict(config.loss), mesh, quant_config)
+        step = jit_train_step(
+            model, optimizer, dict(config.loss), mesh, quant_config, distillation=distillation
+        )
         if config.quant.mode == "qat" and config.quant.freeze_bn_step is not None:
             frozen_bn_step = jit_train_step(
-                model, optimizer, dict(config.loss), mesh, quant_config, batch_norm_trains=False
+                model,
+                optimizer,
+                dict(config.loss),
+                mesh,
+                quant_config,
+                batch_norm_trains=False,
+                distillation=distillation,
             )
     return Experiment(
         config=config,
@@ -642,7 +790,92 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         train_step=step,
         eval_step=jit_eval_step(model, config.eval.top_k, mesh, quant_config),
         frozen_bn_train_step=frozen_bn_step,
+        distillation=distillation,
+        teacher_variables=teacher_variables,
     )
+
+
+def build_distillation(
+    config: ml_collections.ConfigDict, model: nn.Module, builder, mesh: Mesh
+) -> tuple[Distillation, dict]:
+    """The teacher of `config.distill`, checked against the student and restored.
+
+    Head outputs must have equal shapes; feature maps of different widths get a
+    1x1 adapter. Raises before anything is trained when the teacher's checkpoint
+    is missing or does not fit `config.distill.teacher_model`.
+
+    Returns:
+      The `Distillation` and the teacher's variables, replicated on `mesh`.
+    """
+    settings = config.distill
+    teacher = create_model(
+        settings.teacher_model,
+        num_classes=pipeline.num_classes(builder),
+        depthwise_impl=config.model.depthwise_impl,
+        channels=settings.teacher_channels,
+    )
+    spec = compress.make_distill_spec(config)
+    size = config.data.image_size
+    filter_fn = _module_output_filter(settings.feature_layer) if spec.uses_features else None
+    student_out, student_features = _abstract_outputs(model, size, filter_fn, settings)
+    teacher_out, teacher_features = _abstract_outputs(teacher, size, filter_fn, settings)
+    for head, shape in student_out.items():
+        if teacher_out[head].shape != shape.shape:
+            raise ValueError(
+                f"config.distill.teacher_model={settings.teacher_model!r} predicts "
+                f"'{head}' of shape {teacher_out[head].shape} but the student "
+                f"{config.model.name!r} {shape.shape}; distil between detectors of the same "
+                "dataset (classes) and output stride"
+            )
+    adapter_features = adapter_optimizer = None
+    if spec.uses_features and student_features[-1] != teacher_features[-1]:
+        adapter_features = (student_features[-1], teacher_features[-1])
+        adapter_optimizer = make_optimizer(config.optim, config.train.steps)
+    variables = restore_variables(
+        settings.teacher,
+        abstract_variables(teacher, size),
+        field="config.distill.teacher",
+        model_field="config.distill.teacher_model",
+    )
+    distillation = Distillation(
+        teacher=teacher,
+        spec=spec,
+        feature_layer=settings.feature_layer,
+        adapter_features=adapter_features,
+        adapter_optimizer=adapter_optimizer,
+    )
+    return distillation, jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+
+
+def _abstract_outputs(model, image_size, filter_fn, settings):
+    """Shapes of a model's head outputs and of its captured feature map (or None)."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
+    variables = abstract_variables(model, image_size)
+    if filter_fn is None:
+        return jax.eval_shape(functools.partial(model.apply, train=False), variables, images), None
+
+    def run(variables, images):
+        return model.apply(
+            variables,
+            images,
+            train=False,
+            capture_intermediates=filter_fn,
+            mutable=["intermediates"],
+        )
+
+    outputs, collections = jax.eval_shape(run, variables, images)
+    return outputs, _captured(collections, settings.feature_layer).shape
+
+
+def init_distill_state(experiment: Experiment, seed: int) -> dict | None:
+    """The feature adapter's parameters and optimizer state, replicated (None without one)."""
+    distillation = experiment.distillation
+    if distillation is None or distillation.adapter_features is None:
+        return None
+    key = jax.random.fold_in(jax.random.key(seed), 1)
+    adapter = distill.init_adapter(key, *distillation.adapter_features)
+    state = {"adapter": adapter, "opt_state": distillation.adapter_optimizer.init(adapter)}
+    return jax.device_put(state, NamedSharding(experiment.mesh, PartitionSpec()))
 
 
 def experiment_train_dataset(experiment: Experiment):
@@ -719,6 +952,7 @@ def train_and_evaluate(
         start_variables,
         experiment.quant_config,
     )
+    state = state.replace(distill=init_distill_state(experiment, config.seed))
     state = restore_latest(manager, state)
     start_step = int(state.step)
     num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))

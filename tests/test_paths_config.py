@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from jaxcomp import paths
 from jaxcomp.config import default_config, load_config_file, validate_config
+from jaxcomp.recipe import load_recipe
 
 PARAMS = {
     "backbone": {
@@ -73,9 +74,11 @@ def test_config_files_load_and_validate():
     for spec in [
         "configs/student.py",
         "configs/teacher.py",
-        "configs/demo.py:teacher",
-        "configs/demo.py:student",
-        "configs/demo.py:pruned",
+        *(f"configs/demo.py:{stage}" for stage in load_recipe("configs/demo.py")[0]),
+        *(f"configs/compress.py:{stage}" for stage in load_recipe("configs/compress.py")[0]),
+        "configs/distill.py",
+        "configs/distill.py:centernet_student_w035",
+        "configs/student.py:centernet_student_w075",
         "configs/prune_magnitude.py",
         "configs/prune_magnitude.py:0.9",
         "configs/prune_nm.py",
@@ -111,6 +114,11 @@ def test_invalid_configs_name_the_field(field, value, message):
         validate_config(config, device_count=4)
 
 
+def test_recipe_configs_reject_unknown_stages():
+    with pytest.raises(ValueError, match="unknown stage 'techer'; configs/demo.py has"):
+        load_config_file("configs/demo.py:techer")
+
+
 def test_role_configs_reject_unknown_roles():
     with pytest.raises(ValueError, match="must be one of \\['student', 'teacher'\\].*got 'techer'"):
-        load_config_file("configs/demo.py:techer")
+        load_config_file("configs/voc.py:techer")

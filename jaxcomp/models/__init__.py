@@ -9,6 +9,8 @@ from jaxcomp.models.centernet import (
     OUTPUT_STRIDE,
     CenterNet,
     centernet_student,
+    centernet_student_w035,
+    centernet_student_w075,
     centernet_teacher,
     centernet_tiny,
     channel_groups,
@@ -26,6 +28,8 @@ from jaxcomp.models.mobilenet_v2 import MobileNetV2
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "centernet_teacher": centernet_teacher,
     "centernet_student": centernet_student,
+    "centernet_student_w035": centernet_student_w035,
+    "centernet_student_w075": centernet_student_w075,
     "centernet_tiny": centernet_tiny,
 }
 
@@ -89,6 +93,8 @@ __all__ = [
     "CenterNet",
     "MobileNetV2",
     "centernet_student",
+    "centernet_student_w035",
+    "centernet_student_w075",
     "centernet_teacher",
     "centernet_tiny",
     "channel_groups",

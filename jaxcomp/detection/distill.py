@@ -1,0 +1,201 @@
+"""Distillation of a CenterNet student from a CenterNet teacher: which outputs, where.
+
+The losses themselves are generic (`jaxcomp.distill.LOSSES`); this module
+decides what a detector distils: the heatmap as per-class soft targets
+(weighted by the teacher's confidence or the ground-truth foreground), the
+size and offset maps imitated at the teacher's peaks or the ground-truth
+centres, and one feature map (PKD or CWD).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxcomp import distill
+
+HEATMAP_WEIGHTINGS = ("none", "teacher", "foreground")
+REGRESSION_POSITIONS = ("teacher_peaks", "gt_centers")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec:
+    """The distillation terms of a detector train step (hashable, so static under `jax.jit`).
+
+    A term with weight 0 is not computed. Build it from a config with
+    `jaxcomp.compress.make_distill_spec`.
+
+    Attributes:
+      temperature: of the heatmap soft targets.
+      heatmap_loss: registry name of the heatmap term ('sigmoid_kl', 'cwd', ...).
+      heatmap_weight: its weight in the total loss.
+      heatmap_weighting: 'none', 'teacher' (each element by the teacher's sigmoid score)
+        or 'foreground' (by the ground-truth Gaussian heatmap).
+      regression_loss: registry name of the size and offset terms ('l1').
+      size_weight: weight of the size imitation term.
+      offset_weight: weight of the offset imitation term.
+      regression_at: 'teacher_peaks' (3x3 local maxima of the teacher's heatmap above
+        `peak_threshold`) or 'gt_centers'.
+      peak_threshold: teacher score a peak needs.
+      feature_loss: registry name of the feature term ('pkd', 'cwd').
+      feature_weight: its weight (0: no feature distillation).
+      feature_temperature: temperature of the feature term (CWD uses it).
+    """
+
+    temperature: float = 1.0
+    heatmap_loss: str = "sigmoid_kl"
+    heatmap_weight: float = 1.0
+    heatmap_weighting: str = "teacher"
+    regression_loss: str = "l1"
+    size_weight: float = 0.1
+    offset_weight: float = 1.0
+    regression_at: str = "teacher_peaks"
+    peak_threshold: float = 0.1
+    feature_loss: str = "pkd"
+    feature_weight: float = 1.0
+    feature_temperature: float = 1.0
+
+    def __post_init__(self):
+        for field in ("heatmap_loss", "regression_loss", "feature_loss"):
+            distill.get_loss(getattr(self, field))
+        for field in ("heatmap_weight", "size_weight", "offset_weight", "feature_weight"):
+            if not getattr(self, field) >= 0:
+                raise ValueError(
+                    f"distillation {field} must be >= 0 (0 turns the term off), "
+                    f"got {getattr(self, field)}"
+                )
+        distill.check_temperature(self.temperature)
+        distill.check_temperature(self.feature_temperature)
+        if self.heatmap_weighting not in HEATMAP_WEIGHTINGS:
+            raise ValueError(
+                f"heatmap_weighting={self.heatmap_weighting!r}; use one of {HEATMAP_WEIGHTINGS}"
+            )
+        if self.regression_at not in REGRESSION_POSITIONS:
+            raise ValueError(
+                f"regression_at={self.regression_at!r}; use one of {REGRESSION_POSITIONS}"
+            )
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether the step needs the feature maps of both networks."""
+        return self.feature_weight > 0
+
+
+def peak_weights(heatmap_logits: jax.Array, threshold: float) -> jax.Array:
+    """1.0 at cells where some class is a 3x3 local maximum with score > `threshold`.
+
+    Args:
+      heatmap_logits: [B, h, w, C] logits.
+      threshold: minimum sigmoid score.
+
+    Returns:
+      [B, h, w, 1] float32 of 0/1.
+    """
+    scores = jax.nn.sigmoid(jnp.asarray(heatmap_logits, jnp.float32))
+    neighbourhood_max = lax.reduce_window(
+        scores, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME"
+    )
+    peaks = (scores == neighbourhood_max) & (scores > threshold)
+    return jnp.any(peaks, axis=-1, keepdims=True).astype(jnp.float32)
+
+
+def center_weights(center_index: jax.Array, target_mask: jax.Array, height: int, width: int):
+    """1.0 at the ground-truth centre cells of a batch (`encode_targets` fields).
+
+    Args:
+      center_index: int [B, K] flat `y * w + x` of each object's centre.
+      target_mask: [B, K], 1 for real objects.
+      height, width: the output grid.
+
+    Returns:
+      [B, h, w, 1] float32.
+    """
+    batch = center_index.shape[0]
+    grid = jnp.zeros((batch, height * width), jnp.float32)
+    rows = jnp.arange(batch)[:, None]
+    grid = grid.at[rows, center_index.astype(jnp.int32)].max(jnp.asarray(target_mask, jnp.float32))
+    return grid.reshape(batch, height, width, 1)
+
+
+def _heatmap_weights(spec: DistillSpec, teacher_logits: jax.Array, batch: dict):
+    if spec.heatmap_weighting == "teacher":
+        return jax.nn.sigmoid(jnp.asarray(teacher_logits, jnp.float32))
+    if spec.heatmap_weighting == "foreground":
+        return jnp.asarray(batch["heatmap"], jnp.float32)
+    return None
+
+
+def distillation_loss(
+    student_outputs: dict[str, jax.Array],
+    teacher_outputs: dict[str, jax.Array],
+    batch: dict[str, jax.Array],
+    spec: DistillSpec,
+    student_features: jax.Array | None = None,
+    teacher_features: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted distillation terms of a CenterNet student against its teacher.
+
+    Args:
+      student_outputs: {'heatmap', 'size', 'offset'} of the student.
+      teacher_outputs: the teacher's, same shapes (gradients are stopped).
+      batch: the train batch (`heatmap`, `center_index`, `target_mask` fields are read
+        for 'foreground' weighting and 'gt_centers').
+      spec: which terms and weights.
+      student_features: the student's feature map, already adapted to the teacher's width.
+      teacher_features: the teacher's feature map (needed when `spec.uses_features`).
+
+    Returns:
+      `(total, terms)`: the weighted sum and the unweighted terms as
+      `distill_heatmap`, `distill_size`, `distill_offset`, `distill_feature`.
+    """
+    teacher_outputs = jax.lax.stop_gradient(teacher_outputs)
+    for head in ("heatmap", "size", "offset"):
+        if student_outputs[head].shape != teacher_outputs[head].shape:
+            raise ValueError(
+                f"distillation needs equal head outputs, but '{head}' is "
+                f"{tuple(student_outputs[head].shape)} for the student and "
+                f"{tuple(teacher_outputs[head].shape)} for the teacher; train both on the "
+                "same dataset (classes) and image size"
+            )
+    terms = {}
+    if spec.heatmap_weight > 0:
+        weights = _heatmap_weights(spec, teacher_outputs["heatmap"], batch)
+        terms["distill_heatmap"] = distill.get_loss(spec.heatmap_loss)(
+            student_outputs["heatmap"],
+            teacher_outputs["heatmap"],
+            temperature=spec.temperature,
+            weights=weights,
+        )
+    if spec.size_weight > 0 or spec.offset_weight > 0:
+        _, height, width, _ = teacher_outputs["heatmap"].shape
+        if spec.regression_at == "teacher_peaks":
+            positions = peak_weights(teacher_outputs["heatmap"], spec.peak_threshold)
+        else:
+            positions = center_weights(batch["center_index"], batch["target_mask"], height, width)
+        loss = distill.get_loss(spec.regression_loss)
+        for head, weight in (("size", spec.size_weight), ("offset", spec.offset_weight)):
+            if weight > 0:
+                terms[f"distill_{head}"] = loss(
+                    student_outputs[head],
+                    teacher_outputs[head],
+                    temperature=spec.temperature,
+                    weights=positions,
+                )
+    if spec.uses_features:
+        if student_features is None or teacher_features is None:
+            raise ValueError("feature distillation needs both networks' feature maps")
+        terms["distill_feature"] = distill.get_loss(spec.feature_loss)(
+            student_features,
+            teacher_features,
+            temperature=spec.feature_temperature,
+            weights=None,
+        )
+    weights = {
+        "distill_heatmap": spec.heatmap_weight,
+        "distill_size": spec.size_weight,
+        "distill_offset": spec.offset_weight,
+        "distill_feature": spec.feature_weight,
+    }
+    total = sum((weights[name] * value for name, value in terms.items()), jnp.zeros(()))
+    return total, terms

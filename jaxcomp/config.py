@@ -5,6 +5,8 @@ fields. `validate_config` runs before any work, so a typo fails in a second with
 a message that names the field and the fix instead of after a compile.
 """
 
+import difflib
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -159,6 +161,25 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(f"invalid config: {message}")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_known_fields(
+    config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str = "config"
+) -> None:
+    """Raises for a field `default_config()` does not have: a typo would silently do nothing."""
+    for name, value in config.items():
+        if name not in reference:
+            close = difflib.get_close_matches(name, list(reference.keys()), n=1)
+            hint = f"; did you mean {prefix}.{close[0]}?" if close else ""
+            raise ValueError(f"invalid config: {prefix}.{name} is not a field{hint}")
+        if isinstance(value, ml_collections.ConfigDict) and isinstance(
+            reference[name], ml_collections.ConfigDict
+        ):
+            _check_known_fields(value, reference[name], f"{prefix}.{name}")
+
+
 def _positive_int(config: ml_collections.ConfigDict, field: str) -> None:
     value = config
     for part in field.split("."):
@@ -176,6 +197,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
       config: the experiment config.
       device_count: `jax.device_count()`, the number of devices the batch is split over.
     """
+    _check_known_fields(config, default_config())
     _require(
         config.model.name in MODELS,
         f"config.model.name={config.model.name!r} is not a model; use one of {sorted(MODELS)}",
@@ -211,25 +233,28 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
             f"use a multiple of {device_count}",
         )
     _require(
-        config.train.eval_every >= 0,
+        _is_number(config.train.eval_every) and config.train.eval_every >= 0,
         f"config.train.eval_every must be >= 0 (0 = at the end only), "
         f"got {config.train.eval_every}",
     )
     _require(
-        config.data.num_workers >= 0,
+        _is_number(config.data.num_workers) and config.data.num_workers >= 0,
         f"config.data.num_workers must be >= 0, got {config.data.num_workers}",
     )
     _require(
-        config.optim.learning_rate > 0,
+        _is_number(config.optim.learning_rate) and config.optim.learning_rate > 0,
         f"config.optim.learning_rate must be > 0, got {config.optim.learning_rate}",
     )
     _require(
-        0 <= config.optim.warmup_steps < config.train.steps,
+        _is_number(config.optim.warmup_steps)
+        and 0 <= config.optim.warmup_steps < config.train.steps,
         f"config.optim.warmup_steps={config.optim.warmup_steps} must be in "
         f"[0, config.train.steps={config.train.steps})",
     )
     for name, weight in config.loss.items():
-        _require(weight >= 0, f"config.loss.{name} must be >= 0, got {weight}")
+        _require(
+            _is_number(weight) and weight >= 0, f"config.loss.{name} must be >= 0, got {weight}"
+        )
     _validate_prune(config)
     _validate_quant(config)
     _validate_distill(config)
@@ -287,7 +312,7 @@ def _validate_quant(config: ml_collections.ConfigDict) -> None:
     for field in ("freeze_observers_step", "freeze_bn_step"):
         step = quant[field]
         _require(
-            step is None or 0 <= step <= config.train.steps,
+            step is None or (_is_number(step) and 0 <= step <= config.train.steps),
             f"config.quant.{field}={step} must be None or in [0, config.train.steps="
             f"{config.train.steps}]",
         )

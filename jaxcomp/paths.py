@@ -9,7 +9,7 @@ because a typo in a regex must not silently do nothing.
 
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -54,7 +54,17 @@ def compile_rules(rules: Rules) -> list[tuple[re.Pattern, Any]]:
 
     Returns:
       `[(compiled_regex, value), ...]` in the same order.
+
+    Raises:
+      ValueError: `rules` is not a sequence of (regex, value) pairs, or a regex does
+        not compile; the message names the rule.
     """
+    if isinstance(rules, str | bytes | Mapping) or not isinstance(rules, Sequence):
+        hint = "; pass list(rules.items())" if isinstance(rules, Mapping) else ""
+        raise ValueError(
+            f"rules must be a list of (regex, value) pairs such as [(r'.*/kernel', 0.5)], "
+            f"got {type(rules).__name__} {rules!r}{hint}"
+        )
     compiled = []
     for index, rule in enumerate(rules):
         if not (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)):
@@ -62,7 +72,7 @@ def compile_rules(rules: Rules) -> list[tuple[re.Pattern, Any]]:
         pattern, value = rule
         try:
             compiled.append((re.compile(pattern), value))
-        except re.error as error:
+        except (re.error, OverflowError) as error:  # OverflowError: 'a{9999999999}'
             raise ValueError(f"rule {index} regex {pattern!r} does not compile: {error}") from None
     return compiled
 
@@ -101,8 +111,9 @@ def resolve_rules(tree: Any, rules: Rules, *, on_unmatched: str = "error") -> An
         pattern.pattern for (pattern, _), hit in zip(compiled, used, strict=True) if not hit
     ]
     if unmatched and on_unmatched != "ignore":
+        examples = f"leaf names look like {names[:3]}" if names else "the tree has no leaves"
         message = (
-            f"rules matched no leaf: {unmatched}; leaf names look like {names[:3]} "
+            f"rules matched no leaf: {unmatched}; {examples} "
             "(use jaxcomp.paths.leaf_names(params) to list them all)"
         )
         if on_unmatched == "error":

@@ -32,17 +32,22 @@ from jaxcomp import report, train
 from jaxcomp.config import load_config_file
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "configs/demo.py", "Recipe config file (declares STAGES).")
-flags.DEFINE_string("workdir", "workdirs/demo", "One subdirectory per stage, and recipe.json.")
-flags.DEFINE_list("stages", None, "Run only these stages (default: all, in order).")
-flags.DEFINE_string(
-    "results_dir", None, "Also write the table (markdown, JSON) and the plots here."
-)
-flags.DEFINE_string(
-    "compilation_cache_dir",
-    "~/.cache/jaxcomp/xla",
-    "Persistent XLA compilation cache ('' disables it); a second start skips the compiles.",
-)
+
+
+def _define_flags() -> None:
+    # Defined only when run as a program, so that importing this module next to
+    # jaxcomp.main (which owns --config too) does not clash.
+    flags.DEFINE_string("config", "configs/demo.py", "Recipe config file (declares STAGES).")
+    flags.DEFINE_string("workdir", "workdirs/demo", "One subdirectory per stage, and recipe.json.")
+    flags.DEFINE_list("stages", None, "Run only these stages (default: all, in order).")
+    flags.DEFINE_string(
+        "results_dir", None, "Also write the table (markdown, JSON) and the plots here."
+    )
+    flags.DEFINE_string(
+        "compilation_cache_dir",
+        "~/.cache/jaxcomp/xla",
+        "Persistent XLA compilation cache ('' disables it); a second start skips the compiles.",
+    )
 
 
 def load_recipe(path: str) -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
@@ -206,4 +211,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

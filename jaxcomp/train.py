@@ -531,6 +531,8 @@ def checkpoint_manager(
             max_to_keep=train_config.keep_checkpoints,
             create=True,
         ),
+        # Lets `item_metadata` read shapes before a restore, to check them.
+        item_handlers=ocp.StandardCheckpointHandler(),
     )
 
 
@@ -552,6 +554,13 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> None:
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, state: TrainState) -> TrainState:
     """The checkpoint of `step`, restored into `state`'s structure and sharding."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpoint_items(state))
+    _check_same_shapes(
+        dict(manager.item_metadata(step)),
+        abstract,
+        f"the checkpoint of step {step} in {manager.directory} does not fit this config",
+        fix="resume it with the config that wrote it (its config.json), or start this config "
+        "in a new --workdir",
+    )
     return state.replace(**manager.restore(step, args=ocp.args.StandardRestore(abstract)))
 
 
@@ -590,32 +599,49 @@ def restore_variables(
             "that model first (see its config's docstring) or point the field at a "
             "finished run's workdir"
         )
-    with ocp.CheckpointManager(directory) as manager:
-        restored = manager.restore(step, args=ocp.args.StandardRestore())
-    variables = {name: restored[name] for name in ("params", "batch_stats")}
-    _check_same_shapes(
-        variables,
-        expected,
-        f"the checkpoint of step {step} in {directory} ({field}) does not fit {model_field}",
-    )
-    return variables
+    source = f"the checkpoint of step {step} in {directory} ({field})"
+    with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as manager:
+        stored = dict(manager.item_metadata(step))
+        missing = [name for name in ("params", "batch_stats") if name not in stored]
+        if missing:
+            raise ValueError(
+                f"{source} has no {missing}: it was not written by jaxcomp's training; point "
+                f"{field} at the workdir of a jaxcomp run"
+            )
+        _check_same_shapes(
+            {name: stored[name] for name in ("params", "batch_stats")},
+            expected,
+            f"{source} does not fit {model_field}",
+        )
+        # Restored onto this run's devices: without a target, orbax refuses a checkpoint
+        # written on another topology (another device or host count).
+        replicated = NamedSharding(make_mesh(), PartitionSpec())
+        target = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), stored
+        )
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    return {name: restored[name] for name in ("params", "batch_stats")}
 
 
-def _check_same_shapes(tree: Any, expected: Any, source: str) -> None:
+def _check_same_shapes(
+    tree: Any,
+    expected: Any,
+    source: str,
+    fix: str = "point it at a run of the same model (and config.model.channels), trained on "
+    "the same dataset",
+) -> None:
     found = dict(zip(paths.leaf_names(tree), jax.tree.leaves(tree), strict=True))
     wanted = dict(zip(paths.leaf_names(expected), jax.tree.leaves(expected), strict=True))
     missing = sorted(set(wanted) - set(found))
     extra = sorted(set(found) - set(wanted))
     wrong = [
-        f"{name}: {np.shape(found[name])} != {wanted[name].shape}"
+        f"{name}: {tuple(found[name].shape)} != {tuple(wanted[name].shape)}"
         for name in sorted(set(found) & set(wanted))
-        if np.shape(found[name]) != wanted[name].shape
+        if tuple(found[name].shape) != tuple(wanted[name].shape)
     ]
     if missing or extra or wrong:
         raise ValueError(
-            f"{source}: missing {missing[:3]}, unexpected "
-            f"{extra[:3]}, shapes {wrong[:3]}; point it at a run of the same model (and "
-            "config.model.channels), trained on the same dataset"
+            f"{source}: missing {missing[:3]}, unexpected {extra[:3]}, shapes {wrong[:3]}; {fix}"
         )
 
 
@@ -1122,7 +1148,9 @@ def _train_loop(
                 train_seconds += elapsed
                 images_per_second = (step - timer_step) * config.train.batch_size / elapsed
                 timer_step, timer_start = step, time.perf_counter()
-                last_scalars.update(images_per_second=images_per_second, **bad_examples)
+                last_scalars.update(
+                    images_per_second=images_per_second, **_all_processes_sum(bad_examples)
+                )
                 writer.write(step, last_scalars)
                 progress.set_postfix(
                     loss=f"{last_scalars['total']:.3f}", img_s=f"{images_per_second:.1f}"
@@ -1155,6 +1183,14 @@ def _train_loop(
         "images_per_second": _mean_rate(step - start_step - 1, config, train_seconds),
         "first_step_seconds": first_step_seconds,
     }
+
+
+def _all_processes_sum(counts: dict[str, int]) -> dict[str, int]:
+    """Sums per-process counters over all processes (every process logs at the same steps)."""
+    if jax.process_count() == 1:
+        return dict(counts)
+    totals = multihost_utils.process_allgather(np.array(list(counts.values()))).sum(axis=0)
+    return {name: int(total) for name, total in zip(counts, totals, strict=True)}
 
 
 def _mean_rate(steps: int, config: ml_collections.ConfigDict, seconds: float) -> float:

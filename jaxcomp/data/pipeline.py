@@ -17,6 +17,7 @@ whatever the number of processes or data-loader workers.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -64,6 +65,7 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
       FileNotFoundError: the dataset is not prepared in `data_dir`, or not in the
         ArrayRecord format that random access needs; the message says how to
         prepare it.
+      ValueError: no TFDS dataset has that name; the message suggests close names.
 
     Example:
       >>> builder = get_builder("jaxcomp_embedded/tiny", data_dir="/tmp/tfds")
@@ -100,9 +102,24 @@ def _builder_from_code(name: str, data_dir: str | None) -> tfds.core.DatasetBuil
             f"{name} is not prepared{f' in {data_dir}' if data_dir else ''} and its TFDS "
             f"builder needs TensorFlow ({error}); `pip install jaxcomp[tf]`, then {how_to}"
         ) from error
+    except tfds.core.DatasetNotFoundError:
+        # TFDS's own message lists all of its ~250 datasets; name the close ones instead.
+        raise ValueError(_unknown_dataset_message(name)) from None
     if not (builder.is_prepared() or _tfds_is_mocked()):
         raise FileNotFoundError(f"{name} is not prepared in {builder.data_dir}; {how_to}")
     return builder
+
+
+def _unknown_dataset_message(name: str) -> str:
+    dataset = name.partition("/")[0]
+    known = [EmbeddedDetection.name, *tfds.list_builders(with_community_datasets=False)]
+    close = difflib.get_close_matches(dataset, known, n=3)
+    hint = f" (did you mean {close}?)" if close else ""
+    return (
+        f"dataset {name!r} (config.data.name) is not a TFDS dataset{hint}; jaxcomp reads "
+        f"'{EmbeddedDetection.name}' (built offline) or a TFDS detection dataset such as "
+        "'voc/2007' or 'coco/2017'"
+    )
 
 
 def _tfds_is_mocked() -> bool:
@@ -155,8 +172,8 @@ def sanitize_example(
 
     Every input entry is either kept or dropped as exactly one of DROP_KINDS:
     'mismatched' (bboxes and labels differ in length: the extra entries),
-    'non_finite' (a NaN or inf coordinate), 'bad_label' (label outside
-    [0, num_classes)), 'degenerate' (zero height or width), 'outside' (empty
+    'non_finite' (a NaN or inf coordinate), 'bad_label' (label not an integer
+    in [0, num_classes)), 'degenerate' (zero height or width), 'outside' (empty
     once clipped to [0, 1]). Kept boxes may have been 'swapped' (min > max
     reordered) and/or 'clipped' to [0, 1]; 'fixed' counts kept boxes with either
     repair. 'background' is 1 when nothing is kept: the example stays, as an
@@ -164,12 +181,17 @@ def sanitize_example(
 
     Args:
       bboxes: [N, 4] normalized [ymin, xmin, ymax, xmax] (array or list of rows).
-      labels: [M] class ids.
+      labels: [M] class ids (integers; a float label counts as 'bad_label' unless
+        it is a whole number).
       num_classes: number of classes.
 
     Returns:
       (bboxes float32 [n, 4] with 0 <= min < max <= 1, labels int32 [n],
       counts dict with the keys SANITIZER_COUNT_KEYS).
+
+    Raises:
+      ValueError: bboxes are not [N, 4] numbers or labels are not numbers: the
+        example does not have the detection layout at all.
 
     Example:
       >>> boxes, labels, counts = sanitize_example([[0.5, 0.25, 0, 0.75], [0, 0, 1, 1]], [1, 9], 3)
@@ -180,6 +202,11 @@ def sanitize_example(
     with np.errstate(over="ignore"):
         bboxes = np.asarray(bboxes, np.float32)
     labels = np.asarray(labels).reshape(-1)
+    if labels.size and labels.dtype.kind not in "biuf":
+        raise ValueError(
+            f"labels must be integer class ids, got dtype {labels.dtype} ({labels[:3]}); "
+            "pass the example's objects/label feature"
+        )
     if bboxes.size == 0:
         bboxes = bboxes.reshape(0, 4)
     if bboxes.ndim != 2 or bboxes.shape[1] != 4:
@@ -193,7 +220,8 @@ def sanitize_example(
     bboxes, labels = bboxes[:num_paired], labels[:num_paired]
 
     finite = np.isfinite(bboxes).all(axis=1)
-    good_label = (labels >= 0) & (labels < num_classes)
+    with np.errstate(invalid="ignore"):
+        good_label = (labels >= 0) & (labels < num_classes) & (labels == np.floor(labels))
     alive = finite & good_label
     with np.errstate(invalid="ignore"):
         ordered = np.concatenate(
@@ -243,7 +271,12 @@ def _to_rgb(image: Any) -> np.ndarray:
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
-        raise ValueError(f"images must be [H, W] or [H, W, 1-4], got shape {image.shape}")
+        raise ValueError(
+            f"images must be [H, W] or [H, W, C] with C in 1-4 (grey, grey+alpha, RGB, RGBA), "
+            f"got shape {image.shape}; fix or remove this example"
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"the image is empty (shape {image.shape}); fix or remove this example")
     if image.shape[-1] in (2, 4):
         image = image[..., :-1]  # The alpha channel carries no content to detect.
     if image.shape[-1] == 1:
@@ -378,6 +411,23 @@ def _element(
     }
 
 
+def _checked_example(
+    example: dict[str, Any], source_index: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """(RGB image, sanitized boxes, labels, counts); an error names the example."""
+    try:
+        if "image" not in example:
+            raise ValueError(
+                f"example has no 'image' (keys: {sorted(example)}); "
+                "jaxcomp reads datasets with the voc/2007 or coco/2017 layout"
+            )
+        return (_to_rgb(example["image"]), *sanitize_example(*_raw_objects(example), num_classes))
+    except ValueError as error:
+        image_id = example.get("image/id")
+        which = f"example {source_index}" + ("" if image_id is None else f" (image/id {image_id})")
+        raise ValueError(f"{which} of the split: {error}") from error
+
+
 def _make_element(
     example: dict[str, Any],
     source_index: int,
@@ -385,8 +435,7 @@ def _make_element(
     rng: np.random.Generator | None,
 ) -> dict[str, np.ndarray]:
     """Example -> batch row; augmented when `rng` is given, letterboxed otherwise."""
-    image = _to_rgb(example["image"])
-    bboxes, labels, counts = sanitize_example(*_raw_objects(example), spec.num_classes)
+    image, bboxes, labels, counts = _checked_example(example, source_index, spec.num_classes)
     if rng is None:
         placement = _letterbox(image.shape, spec.image_size)
         min_pixels, min_visible_fraction = 0.0, 0.0
@@ -445,7 +494,10 @@ def _check_element_args(
     source: Any, image_size: int, max_objects: int, num_classes: int, stride: int
 ) -> None:
     if len(source) == 0:
-        raise ValueError("the source is empty; check the split name and the prepared dataset")
+        raise ValueError(
+            "the split has no examples; check config.data.train_split / eval_split and that "
+            "the dataset was prepared completely (`tfds build ... --overwrite`)"
+        )
     if stride <= 0 or image_size <= 0 or image_size % stride != 0:
         raise ValueError(
             f"image_size must be a positive multiple of stride={stride}, got {image_size}"
@@ -673,7 +725,7 @@ def dataset_report(source: Any, num_classes: int, max_objects: int) -> dict[str,
     report = dict.fromkeys(SANITIZER_COUNT_KEYS, 0)
     report.update(examples=len(source), truncated=0, max_objects_per_image=0)
     for index in tqdm.trange(len(source), desc="Scanning annotations", unit="example"):
-        _, _, counts = sanitize_example(*_raw_objects(source[index]), num_classes)
+        _, _, _, counts = _checked_example(source[index], index, num_classes)
         for key, value in counts.items():
             report[key] += value
         report["truncated"] += max(0, counts["kept"] - max_objects)

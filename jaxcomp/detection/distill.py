@@ -60,10 +60,10 @@ class DistillSpec:
         for field in ("heatmap_loss", "regression_loss", "feature_loss"):
             distill.get_loss(getattr(self, field))
         for field in ("heatmap_weight", "size_weight", "offset_weight", "feature_weight"):
-            if not getattr(self, field) >= 0:
+            value = getattr(self, field)
+            if not (isinstance(value, int | float) and value >= 0):
                 raise ValueError(
-                    f"distillation {field} must be >= 0 (0 turns the term off), "
-                    f"got {getattr(self, field)}"
+                    f"distillation {field} must be >= 0 (0 turns the term off), got {value!r}"
                 )
         distill.check_temperature(self.temperature)
         distill.check_temperature(self.feature_temperature)

@@ -33,8 +33,10 @@ class DistillLoss(Protocol):
 
 
 def check_temperature(temperature: float) -> None:
-    """Raises ValueError unless `temperature` is a positive number (a Python scalar)."""
-    if isinstance(temperature, int | float) and not temperature > 0:
+    """Raises ValueError unless `temperature` is a positive number (arrays are not checked)."""
+    if isinstance(temperature, jax.Array):
+        return
+    if not (isinstance(temperature, int | float) and temperature > 0):
         raise ValueError(
             f"the distillation temperature must be > 0, got {temperature}; "
             "1.0 leaves the logits unchanged, 2-4 softens them"

@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcomp.models.layers import ConvBN, DepthwiseBN, DepthwiseConv3x3
 from jaxcomp.models.mobilenet_v2 import (
@@ -31,9 +32,10 @@ from jaxcomp.models.mobilenet_v2 import (
 from jaxcomp.paths import leaf_names
 
 OUTPUT_STRIDE = 4
-# ImageNet statistics, the convention for MobileNetV2 inputs.
-_PIXEL_MEAN = jnp.array([0.485, 0.456, 0.406]) * 255.0
-_PIXEL_STD = jnp.array([0.229, 0.224, 0.225]) * 255.0
+# ImageNet statistics, the convention for MobileNetV2 inputs. NumPy, not jnp: a jnp
+# array at import would start the XLA backend before `jax.distributed.initialize()`.
+_PIXEL_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
+_PIXEL_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
 # Heatmap bias so the initial sigmoid is ~0.1 (CenterNet's -2.19 = -log((1 - 0.1) / 0.1)).
 HEATMAP_BIAS_INIT = -2.19
 HEADS = ("heatmap", "size", "offset")

@@ -81,8 +81,10 @@ class QuantConfig:
     on_unmatched: str = "error"
 
     def __post_init__(self):
-        numerics.int_range(self.weight_bits)
-        numerics.int_range(self.activation_bits)
+        for field in ("weight_bits", "activation_bits"):
+            bits = getattr(self, field)
+            if not (isinstance(bits, int) and 2 <= bits <= 8):
+                raise ValueError(f"{field} must be an int in [2, 8], got {bits!r}")
         if self.observer not in observers.OBSERVER_METHODS:
             raise ValueError(
                 f"observer must be one of {observers.OBSERVER_METHODS}, got {self.observer!r}"

@@ -3,6 +3,7 @@
 from jaxcomp import (
     compress,
     data,
+    distill,
     detection,
     evaluation,
     flops,
@@ -12,6 +13,7 @@ from jaxcomp import (
     quant,
     report,
     train,
+    visualize,
 )
 from jaxcomp.config import default_config, load_config_file, validate_config
 from jaxcomp.evaluation import coco_metrics, format_metrics_table
@@ -30,6 +32,7 @@ __all__ = [
     "data",
     "default_config",
     "detection",
+    "distill",
     "evaluation",
     "flops",
     "format_metrics_table",
@@ -45,4 +48,5 @@ __all__ = [
     "train",
     "train_and_evaluate",
     "validate_config",
+    "visualize",
 ]

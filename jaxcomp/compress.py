@@ -109,11 +109,9 @@ def wrap_optimizer(
     pruner = make_pruner(config, variables)
     if pruner is None:
         return optimizer
-    key = (
-        jax.random.fold_in(jax.random.key(config.seed), 1)
-        if config.prune.score == "random"
-        else None
-    )
+    # Every score gets a key (scores other than 'random' ignore it), so a newly
+    # registered score that samples has one.
+    key = jax.random.fold_in(jax.random.key(config.seed), 1)
     return prune.pruned_optimizer(optimizer, pruner, key=key)
 
 

@@ -83,7 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
     # [(regex, sparsity or None), ...] over leaf names (group names for 'channel'); None
     # picks the detector defaults (`jaxcomp.compress.default_prune_rules`).
     config.prune.rules = config_dict.placeholder(tuple)
-    config.prune.score = "magnitude"  # 'magnitude', 'random', 'saliency'
+    # A key of jaxcomp.prune.SCORES: 'magnitude', 'random', 'saliency' or one registered there.
+    config.prune.score = "magnitude"
     config.prune.scope = "layer"  # 'layer' or 'global' ranking
     config.prune.schedule = "polynomial"  # 'one_shot', 'iterative', 'polynomial'
     config.prune.begin_step = 0
@@ -284,7 +285,6 @@ def _validate_distill(config: ml_collections.ConfigDict) -> None:
 
 _PRUNE_CHOICES = {
     "method": ("none", "unstructured", "nm", "channel"),
-    "score": ("magnitude", "random", "saliency"),
     "scope": ("layer", "global"),
     "schedule": ("one_shot", "iterative", "polynomial"),
     "norm": ("l1", "l2"),
@@ -324,7 +324,14 @@ def _validate_quant(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_prune(config: ml_collections.ConfigDict) -> None:
+    from jaxcomp.prune import SCORES  # read when validating: scores registered later count
+
     prune = config.prune
+    _require(
+        prune.score in SCORES,
+        f"config.prune.score={prune.score!r}; use one of {tuple(SCORES)} (or register a new "
+        "one in jaxcomp.prune.SCORES)",
+    )
     for field, choices in _PRUNE_CHOICES.items():
         _require(
             prune[field] in choices,

@@ -1,15 +1,12 @@
 """Plots of what compression did, for people who would rather look than read.
 
-Matplotlib with the non-interactive Agg backend, so plots are written from
-training jobs and tests on machines without a display.
+Each plot is a `matplotlib.figure.Figure` saved to a file, without pyplot, so it
+works on machines without a display and leaves a notebook's backend alone.
 """
 
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.figure import Figure
 
 
 def plot_layer_sparsity(report: dict[str, Any], path: str, title: str = "") -> None:
@@ -24,7 +21,8 @@ def plot_layer_sparsity(report: dict[str, Any], path: str, title: str = "") -> N
     if not rows:
         raise ValueError("the report has no kernel (rank >= 2) leaves to plot")
     height = max(3.0, 0.16 * len(rows) + 1.0)
-    figure, axis = plt.subplots(figsize=(8, height))
+    figure = Figure(figsize=(8, height))
+    axis = figure.subplots()
     positions = range(len(rows))
     colors = ["tab:red" if row.get("pruned") else "tab:gray" for row in rows]
     axis.barh(positions, [100 * row["sparsity"] for row in rows], color=colors)
@@ -37,7 +35,6 @@ def plot_layer_sparsity(report: dict[str, Any], path: str, title: str = "") -> N
     axis.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -62,7 +59,8 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str) -> None:
       rows: `jaxcomp.recipe.result_row` dicts (stage, AP, bytes_on_disk).
       path: where to write the image.
     """
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.subplots()
     points = [(row["bytes_on_disk"] / 1024, 100 * row["AP"]) for row in rows]
     axis.scatter(*zip(*points, strict=True), color="tab:blue", zorder=3)
     for row, (size, accuracy) in zip(rows, points, strict=True):
@@ -81,7 +79,6 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str) -> None:
     axis.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def plot_accuracy_vs_sparsity(rows: list[dict[str, Any]], path: str) -> None:
@@ -91,7 +88,8 @@ def plot_accuracy_vs_sparsity(rows: list[dict[str, Any]], path: str) -> None:
     (near-zero) sparsity as the dense reference.
     """
     pruned_models = {row["model"] for row in rows if row["prune"] != "none"}
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
     series: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         if row["model"] in pruned_models or not pruned_models:
@@ -112,7 +110,6 @@ def plot_accuracy_vs_sparsity(rows: list[dict[str, Any]], path: str) -> None:
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def plot_training_curves(curves: dict[str, dict[str, list]], path: str) -> None:
@@ -126,7 +123,8 @@ def plot_training_curves(curves: dict[str, dict[str, list]], path: str) -> None:
         [0, 1])]}; either list may be empty.
       path: where to write the image.
     """
-    figure, (loss_axis, ap_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    loss_axis, ap_axis = figure.subplots(1, 2)
     for name, curve in sorted(curves.items()):
         if curve["loss"]:
             loss_axis.plot(*zip(*curve["loss"], strict=True), label=name, linewidth=1)
@@ -145,4 +143,3 @@ def plot_training_curves(curves: dict[str, dict[str, list]], path: str) -> None:
     figure.suptitle("training curves")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)

@@ -22,11 +22,12 @@ results: $(STAMP)
 	$(BIN)/python -m jaxcomp.recipe --config=configs/compress.py --workdir=$(WORKDIR)/compress \
 		--results_dir=results
 
+# Tests mostly wait on single-threaded XLA compiles: one worker per core (at most 4).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -m ''
+	$(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4 -m ''
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py

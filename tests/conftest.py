@@ -1,5 +1,7 @@
 """Shared fixtures: the tiny embedded dataset, built once per test session."""
 
+import os
+
 import jax
 import pytest
 
@@ -15,7 +17,14 @@ def compilation_cache(tmp_path_factory):
     Several tests compile the same tiny train step (resume runs, the CLI); with
     the cache each compiles once per session.
     """
-    cache_dir = str(tmp_path_factory.mktemp("jax_cache"))
+    base = tmp_path_factory.getbasetemp()
+    # Under pytest-xdist each worker has its own basetemp; their parent is shared, so
+    # the workers (and their subprocesses) reuse each other's compiles. JAX writes
+    # cache entries atomically, so concurrent writers are safe.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    cache_dir = str(base / "jax_cache")
+    os.makedirs(cache_dir, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

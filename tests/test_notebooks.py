@@ -37,7 +37,15 @@ def test_committed_notebook_has_no_outputs(path):
     assert notebook.metadata.kernelspec.name == "python3"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+# The quick start runs by default; the other two (1-2 minutes of compiling each on 2
+# cores) run with `make test-all`.
+EXECUTED = [
+    pytest.param(path, id=path.stem, marks=() if path.stem == "01_quickstart" else pytest.mark.slow)
+    for path in NOTEBOOKS
+]
+
+
+@pytest.mark.parametrize("path", EXECUTED)
 def test_notebook_runs_top_to_bottom(path, tiny_data_dir, compilation_cache, tmp_path, monkeypatch):
     # The kernel inherits this process's environment.
     monkeypatch.setenv("JAXCOMP_NOTEBOOK_SMALL", "1")

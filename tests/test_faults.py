@@ -1,0 +1,485 @@
+"""Fault injection: killed and preempted runs, damaged checkpoints, an unusable workdir.
+
+The killed runs are real CLI subprocesses (`python -m jaxcomp.main`) on the tiny model
+and dataset; their resumed results are compared leaf by leaf, exactly, with an
+uninterrupted run of the same config.
+"""
+
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxcomp import paths, prune, train
+from jaxcomp.config import default_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEACHER_CHANNELS = (("heatmap/hidden", 8),)
+STEPS = 16
+
+
+def _tiny_fields(data_dir: str) -> dict:
+    return {
+        "data.name": "jaxcomp_embedded/tiny",
+        "data.data_dir": data_dir,
+        "data.image_size": 64,
+        "data.max_objects": 8,
+        "data.num_workers": 0,
+        "model.name": "centernet_tiny",
+        "train.steps": STEPS,
+        "train.batch_size": 4,
+        "train.log_every": 1,
+        "train.checkpoint_every": 2,
+        "optim.warmup_steps": 2,
+        "eval.batch_size": 16,
+        "eval.top_k": 20,
+    }
+
+
+def _compressed_fields(teacher_workdir: str) -> dict:
+    """Gradual pruning + QAT (observers and BatchNorm frozen late) + distillation."""
+    return {
+        "prune.method": "unstructured",
+        "prune.sparsity": 0.5,
+        "prune.schedule": "polynomial",
+        "prune.begin_step": 0,
+        "prune.end_step": 12,
+        "prune.frequency": 2,
+        "quant.mode": "qat",
+        "quant.observer": "ema",
+        "quant.freeze_observers_step": 12,
+        "quant.freeze_bn_step": 12,
+        "distill.teacher": teacher_workdir,
+        "distill.teacher_model": "centernet_tiny",
+        "distill.teacher_channels": TEACHER_CHANNELS,
+        "distill.temperature": 2.0,
+        "distill.feature_layer": "heatmap/conv",
+    }
+
+
+def _config(fields: dict):
+    config = default_config()
+    for key, value in fields.items():
+        *parents, name = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    return config
+
+
+_CONFIG_FILE = """from jaxcomp.config import default_config
+
+
+def get_config():
+    config = default_config()
+    for key, value in {fields!r}.items():
+        *parents, name = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    return config
+"""
+
+
+def _config_file(fields: dict, path) -> str:
+    """A config file for the CLI setting exactly `fields`, as `_config` does in-process."""
+    path.write_text(_CONFIG_FILE.format(fields=fields))
+    return str(path)
+
+
+def _command(config_file: str, workdir, cache_dir: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "jaxcomp.main",
+        f"--config={config_file}",
+        f"--workdir={workdir}",
+        f"--compilation_cache_dir={cache_dir}",
+    ]
+
+
+def _start(command, log):
+    """Starts the CLI with its output going to the file `log` (a pipe could fill and block)."""
+    with open(log, "w") as output:
+        return subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+
+
+def _finalized_steps(workdir) -> list[int]:
+    directory = os.path.join(workdir, "checkpoints")
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def _logged_step(workdir) -> int:
+    """The last step in metrics.jsonl (0 if none); a line being written is skipped."""
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    steps = [0]
+    for line in open(metrics).readlines() if os.path.exists(metrics) else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except json.JSONDecodeError:
+            pass
+    return max(steps)
+
+
+def _wait_for(process, condition, what: str, log, timeout: float = 600.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(
+                f"the run ended (exit {process.returncode}) before {what}:\n{log.read_text()}"
+            )
+        assert time.time() < deadline, f"timed out waiting for {what}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.02)
+
+
+def _template(config):
+    experiment = train.build_experiment(config)
+    state = train.init_state(
+        experiment.model,
+        experiment.optimizer,
+        config.data.image_size,
+        1,
+        experiment.mesh,
+        quant_config=experiment.quant_config,
+    )
+    return state.replace(distill=train.init_distill_state(experiment, 1))
+
+
+def _final_state(config, workdir, template):
+    with train.checkpoint_manager(str(workdir), config.train) as manager:
+        assert manager.latest_step() == config.train.steps
+        return jax.device_get(train.restore_checkpoint(manager, config.train.steps, template))
+
+
+def _max_abs_difference(a, b) -> dict[str, float]:
+    """Per field of the TrainState, the max |a - b| over all of its leaves."""
+    differences = {}
+    for field in ("step", "params", "batch_stats", "opt_state", "quant_stats", "distill"):
+        leaves_a, leaves_b = jax.tree.leaves(getattr(a, field)), jax.tree.leaves(getattr(b, field))
+        assert len(leaves_a) == len(leaves_b), field
+        differences[field] = max(
+            (
+                float(np.max(np.abs(np.float64(x) - np.float64(y)), initial=0.0))
+                for x, y in zip(leaves_a, leaves_b, strict=True)
+            ),
+            default=0.0,
+        )
+    return differences
+
+
+@pytest.fixture(scope="module")
+def teacher_workdir(tiny_data_dir, tmp_path_factory):
+    config = _config({**_tiny_fields(tiny_data_dir), "model.channels": TEACHER_CHANNELS})
+    workdir = tmp_path_factory.mktemp("teacher")
+    experiment = train.build_experiment(config)
+    state = train.init_state(experiment.model, experiment.optimizer, 64, 7, experiment.mesh)
+    with train.checkpoint_manager(str(workdir), config.train) as manager:
+        train.save_checkpoint(manager, state)
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def plain_reference(tiny_data_dir, tmp_path_factory):
+    """The uninterrupted plain run (in-process): its config fields and final state."""
+    fields = _tiny_fields(tiny_data_dir)
+    config = _config(fields)
+    workdir = tmp_path_factory.mktemp("plain_reference")
+    assert train.train_and_evaluate(config, str(workdir))["step"] == STEPS
+    return fields, _final_state(config, workdir, _template(config))
+
+
+def _kill_and_resume(fields, reference, tmp_path, cache_dir, seed: int) -> dict[str, float]:
+    """SIGKILLs the CLI run at a seeded random step after its first checkpoint, resumes it.
+
+    Returns the max abs difference to `reference` per state field.
+    """
+    workdir = tmp_path / "killed"
+    command = _command(_config_file(fields, tmp_path / "config.py"), workdir, cache_dir)
+    kill_after = int(np.random.default_rng(seed).integers(3, STEPS - 5))
+    process = _start(command, tmp_path / "killed.log")
+    _wait_for(
+        process,
+        lambda: _logged_step(workdir) >= kill_after and _finalized_steps(workdir),
+        f"step {kill_after} and a checkpoint",
+        tmp_path / "killed.log",
+    )
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = _logged_step(workdir)
+    saved = _finalized_steps(workdir)
+    assert killed_at < STEPS and saved and max(saved) <= killed_at, (killed_at, saved)
+
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"checkpoint of step {max(saved)} in" in resumed.stdout, resumed.stdout
+    config = _config(fields)
+    return _max_abs_difference(_final_state(config, workdir, _template(config)), reference)
+
+
+# ~40 s on 2 busy cores: two CLI starts (imports, cached compiles) and an eval.
+@pytest.mark.slow
+def test_sigkill_at_random_step_then_resume_equals_uninterrupted_run(
+    plain_reference, tmp_path, compilation_cache
+):
+    fields, reference = plain_reference
+    differences = _kill_and_resume(fields, reference, tmp_path, compilation_cache, seed=0)
+    assert differences == dict.fromkeys(differences, 0.0)
+
+
+# ~90 s: the uninterrupted reference runs in-process, plus two CLI starts.
+@pytest.mark.slow
+def test_sigkill_of_pruned_qat_distilled_run_then_resume_is_exact(
+    tiny_data_dir, teacher_workdir, tmp_path, compilation_cache
+):
+    fields = {**_tiny_fields(tiny_data_dir), **_compressed_fields(teacher_workdir)}
+    config = _config(fields)
+    assert train.train_and_evaluate(config, str(tmp_path / "reference"))["step"] == STEPS
+    reference = _final_state(config, tmp_path / "reference", _template(config))
+    # Every part of the state a resume must bring back is there to compare.
+    masks = jax.tree.leaves(prune.masks_of(reference.opt_state))
+    assert masks and not all(np.all(mask) for mask in masks), "no weight was pruned"
+    assert jax.tree.leaves(reference.quant_stats) and "adapter" in reference.distill
+    assert any(name.endswith("count") for name in paths.leaf_names(reference.quant_stats))
+    differences = _kill_and_resume(fields, reference, tmp_path, compilation_cache, seed=1)
+    assert differences == dict.fromkeys(differences, 0.0)
+
+
+# ~60 s: three SIGTERMs, each followed by a CLI start that resumes.
+@pytest.mark.slow
+def test_repeated_sigterm_saves_last_step_exits_0_and_resume_is_exact(
+    plain_reference, tmp_path, compilation_cache
+):
+    fields, reference = plain_reference
+    workdir = tmp_path / "preempted"
+    command = _command(_config_file(fields, tmp_path / "config.py"), workdir, compilation_cache)
+    seconds_to_checkpoint, seconds_to_exit = [], []
+    for attempt in range(3):
+        log = tmp_path / f"preempted_{attempt}.log"
+        process = _start(command, log)
+        start_step = _logged_step(workdir)
+        _wait_for(process, lambda s=start_step: _logged_step(workdir) >= s + 2, "two steps", log)
+        signalled = time.perf_counter()
+        process.send_signal(signal.SIGTERM)
+        # A step's directory appears (renamed from orbax's tmp dir) once its save is complete.
+        appeared = {step: 0.0 for step in _finalized_steps(workdir)}
+        while process.poll() is None or set(_finalized_steps(workdir)) - set(appeared):
+            for step in set(_finalized_steps(workdir)) - set(appeared):
+                appeared[step] = time.perf_counter() - signalled
+            assert time.perf_counter() - signalled < 120, "no exit after SIGTERM"
+            time.sleep(0.01)
+        seconds_to_exit.append(time.perf_counter() - signalled)
+        output = log.read_text()
+        assert process.returncode == 0, output
+        stopped = _logged_step(workdir)
+        assert stopped < STEPS, "the run finished before the SIGTERM"
+        assert max(appeared) == stopped, "the last finished step is not saved"
+        assert appeared[stopped] > 0, "the stopped step was saved before the SIGTERM"
+        assert f"Stopped at step {stopped}" in output
+        seconds_to_checkpoint.append(appeared[stopped])
+    print(f"SIGTERM to complete checkpoint: {seconds_to_checkpoint} s, to exit {seconds_to_exit} s")
+    finish = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert finish.returncode == 0, finish.stdout + finish.stderr
+    config = _config(fields)
+    differences = _max_abs_difference(_final_state(config, workdir, _template(config)), reference)
+    assert differences == dict.fromkeys(differences, 0.0)
+    assert statistics.median(seconds_to_checkpoint) < 30
+
+
+# Damaged checkpoints, in-process and fast: steps 2, 4, 6 of a tiny state, 6 damaged.
+
+
+@pytest.fixture(scope="module")
+def saved_steps(tiny_data_dir, tmp_path_factory):
+    """A checkpoint directory of steps 2, 4, 6 whose params differ (+ step); and the states."""
+    config = _config(_tiny_fields(tiny_data_dir))
+    template = _template(config)
+    workdir = tmp_path_factory.mktemp("saved_steps")
+    states = {}
+    with train.checkpoint_manager(str(workdir), config.train) as manager:
+        for step in (2, 4, 6):
+            states[step] = template.replace(
+                step=template.step + step,
+                params=jax.tree.map(lambda leaf, s=step: leaf + s, template.params),
+            )
+            train.save_checkpoint(manager, states[step])
+    return config, str(workdir), jax.device_get(states), template
+
+
+def _truncate_array_file(step_dir):
+    biggest = max(glob.glob(f"{step_dir}/default/ocdbt.process_0/d/*"), key=os.path.getsize)
+    os.truncate(biggest, os.path.getsize(biggest) // 2)
+
+
+def _remove_array_files(step_dir):
+    for path in glob.glob(f"{step_dir}/default/ocdbt.process_0/d/*"):
+        os.remove(path)
+
+
+def _remove_item_metadata(step_dir):
+    os.remove(f"{step_dir}/default/_METADATA")
+
+
+def _empty_step_dir(step_dir):
+    shutil.rmtree(step_dir)
+    os.makedirs(step_dir)
+
+
+DAMAGES = {
+    "truncated_array_file": _truncate_array_file,
+    "array_files_missing": _remove_array_files,
+    "item_metadata_missing": _remove_item_metadata,
+    "empty_step_dir": _empty_step_dir,
+}
+
+
+@pytest.fixture
+def damaged_copy(saved_steps, tmp_path):
+    config, workdir, states, template = saved_steps
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    return config, copy, states, template
+
+
+def _assert_restored(restored, expected):
+    for got, want in zip(
+        jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(expected), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_newest_step_falls_back_with_warning_and_keeps_good_steps(
+    damaged_copy, damage, caplog, capsys
+):
+    config, workdir, states, template = damaged_copy
+    checkpoints = workdir / "checkpoints"
+    DAMAGES[damage](checkpoints / "6")
+    with (
+        caplog.at_level(logging.WARNING),
+        train.checkpoint_manager(str(workdir), config.train) as manager,
+    ):
+        restored = train.restore_latest(manager, template)
+        _assert_restored(restored, states[4])
+        assert manager.all_steps() == [2, 4]
+        # The step's next save is not refused as "already exists".
+        train.save_checkpoint(manager, restored.replace(step=restored.step + 2))
+        manager.wait_until_finished()
+        assert manager.all_steps() == [2, 4, 6]
+    # Names the bad step, why, where it went and the step used; logged and printed.
+    message = (
+        r"checkpoint of step 6 in .* cannot be restored \(.+\); moved it to "
+        r"6\.unreadable-\S+ and resuming from the checkpoint of step 4"
+    )
+    assert re.search(message, caplog.text) and re.search(message, capsys.readouterr().out)
+    assert len(glob.glob(str(checkpoints / "6.unreadable-*"))) == 1
+
+
+def test_save_interrupted_by_a_crash_is_reported_and_redone(damaged_copy, capsys):
+    config, workdir, states, template = damaged_copy
+    checkpoints = workdir / "checkpoints"
+    # What a process killed while writing step 6 leaves: orbax's tmp dir, half-written.
+    _truncate_array_file(checkpoints / "6")
+    os.remove(checkpoints / "6" / "commit_success.txt")
+    os.rename(checkpoints / "6", checkpoints / "6.orbax-checkpoint-tmp")
+    with train.checkpoint_manager(str(workdir), config.train) as manager:
+        restored = train.restore_latest(manager, template)
+        _assert_restored(restored, states[4])
+        train.save_checkpoint(manager, restored.replace(step=restored.step + 2))
+        manager.wait_until_finished()
+        assert manager.all_steps() == [2, 4, 6]
+    output = capsys.readouterr().out
+    assert "save of step 6 in" in output and "resuming from the checkpoint of step 4" in output
+    assert sorted(os.listdir(checkpoints)) == ["2", "4", "6"]
+
+
+def test_no_readable_step_is_an_error_naming_the_directory_and_moves_nothing(damaged_copy):
+    config, workdir, _, template = damaged_copy
+    checkpoints = workdir / "checkpoints"
+    for step in (2, 4, 6):
+        _remove_array_files(checkpoints / str(step))
+    with (
+        train.checkpoint_manager(str(workdir), config.train) as manager,
+        pytest.raises(
+            RuntimeError,
+            match=rf"no checkpoint in {re.escape(str(checkpoints))} can be restored: step 6: ",
+        ),
+    ):
+        train.restore_latest(manager, template)
+    assert sorted(os.listdir(checkpoints)) == ["2", "4", "6"]
+
+
+# ~30 s (the train step's compile): the unit tests above cover the same fallback.
+@pytest.mark.slow
+def test_run_resumes_past_a_damaged_step_and_saves_it_again(saved_steps, tmp_path):
+    """Through `train_and_evaluate`: restores step 4, retrains and re-saves step 6."""
+    config, workdir, _, _ = saved_steps
+    shutil.copytree(workdir, tmp_path / "run")
+    _truncate_array_file(tmp_path / "run" / "checkpoints" / "6")
+    result = train.train_and_evaluate(config, str(tmp_path / "run"), stop_at=6)
+    assert result["step"] == 6 and result["preempted"]
+    assert _finalized_steps(tmp_path / "run") == [2, 4, 6]
+    assert len(glob.glob(str(tmp_path / "run" / "checkpoints" / "6.unreadable-*"))) == 1
+
+
+# An unusable workdir fails before anything is built or compiled.
+
+
+@pytest.fixture
+def compiles():
+    """The names of the XLA compiles (or compile-cache reads) made while the test runs."""
+    seen = []
+
+    def on_event(event, **kwargs):
+        if "compile" in event:
+            seen.append(event)
+
+    def on_duration(event, duration, **kwargs):
+        on_event(event)
+
+    jax.monitoring.register_event_listener(on_event)
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    yield seen
+    jax.monitoring.unregister_event_listener(on_event)
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+
+
+def test_workdir_under_a_file_is_refused_before_any_compile(saved_steps, tmp_path, compiles):
+    config = saved_steps[0]
+    (tmp_path / "file").write_text("not a directory")
+    workdir = tmp_path / "file" / "run"
+    with pytest.raises(NotADirectoryError, match=r"cannot create workdir '.*file/run': .*file is"):
+        train.train_and_evaluate(config, str(workdir))
+    assert compiles == []
+
+
+def test_full_disk_is_refused_before_any_compile(saved_steps, tmp_path, compiles, monkeypatch):
+    # Simulated: the real free space of tmp_path is below a minimum set above it.
+    monkeypatch.setattr(train, "MIN_FREE_BYTES", 2**62)
+    workdir = tmp_path / "run"
+    with pytest.raises(OSError, match=r"the disk of workdir '.*run' is full: .* MiB free") as error:
+        train.train_and_evaluate(saved_steps[0], str(workdir))
+    assert error.value.errno == 28  # ENOSPC
+    assert compiles == [] and not workdir.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_read_only_parent_is_refused(tmp_path):
+    parent = tmp_path / "read_only"
+    parent.mkdir(mode=0o500)
+    with pytest.raises(PermissionError, match=r"cannot write to workdir .*read_only.* not writ"):
+        train.check_workdir(str(parent / "run"))

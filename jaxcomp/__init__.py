@@ -3,8 +3,8 @@
 from jaxcomp import (
     compress,
     data,
-    distill,
     detection,
+    distill,
     evaluation,
     flops,
     models,

@@ -696,8 +696,8 @@ def restore_variables(
     if step is None:
         raise FileNotFoundError(
             f"{field}={workdir!r} holds no checkpoint (looked in {directory}); train "
-            "that model first (see its config's docstring) or point the field at a "
-            "finished run's workdir"
+            "that model first (see its config's docstring), point the field at a "
+            f"finished run's workdir, or set --{field}='' to do without it"
         )
     source = f"the checkpoint of step {step} in {directory} ({field})"
     with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as manager:

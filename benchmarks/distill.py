@@ -19,6 +19,7 @@ import time
 import jax
 from absl import app, flags
 from common import NUM_CLASSES, alternate, median_ms, paired_ratio, seconds, synthetic_batch
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcomp import compress, distill, train
 from jaxcomp.config import load_config_file
@@ -63,8 +64,12 @@ def main(argv):
         name: train.init_state(student, optimizer, FLAGS.image_size, 0, mesh)
         for name in ("plain", "distill")
     }
+    # Placed on the mesh as `train.init_distill_state` does in a real run.
     states["distill"] = states["distill"].replace(
-        distill={"adapter": adapter, "opt_state": optimizer.init(adapter)}
+        distill=jax.device_put(
+            {"adapter": adapter, "opt_state": optimizer.init(adapter)},
+            NamedSharding(mesh, PartitionSpec()),
+        )
     )
     steps = {
         "plain": train.jit_train_step(student, optimizer, loss_weights, mesh),

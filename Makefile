@@ -30,11 +30,10 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4 -m ''
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/efficiency.py
 	$(BIN)/python benchmarks/prune.py
 	$(BIN)/python benchmarks/quant.py
 	$(BIN)/python benchmarks/distill.py
-	$(BIN)/python benchmarks/efficiency.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,7 +1,7 @@
 r"""What pruning costs in a train step and what channel shrinking buys, measured side by side.
 
 Run:
-  make bench     # runs this after benchmarks/train_step.py
+  make bench     # runs this after benchmarks/efficiency.py
   python benchmarks/prune.py --repeats=5 --channel_fraction=0.5
 
 For the student (batch 16, 128x128, this backend's default depthwise conv):

@@ -145,11 +145,12 @@ def run_recipe(
     stages: list[str] | None = None,
     results_dir: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs (or resumes, or re-evaluates) each stage in order; returns the table rows.
+    """Runs (or resumes, or re-evaluates) each stage in order; returns their table rows.
 
-    After each finished stage the rows so far go to `workdir/recipe.json` (and, with
+    After each finished stage the table goes to `workdir/recipe.json` (and, with
     `results_dir`, the table and plots), so a recipe stopped after hours still has
-    its results up to there.
+    its results up to there. The table keeps the rows of stages finished by earlier
+    calls, in the recipe's order, so stages can be run a few at a time.
 
     Args:
       config_file: the recipe config.
@@ -165,6 +166,9 @@ def run_recipe(
     unknown = sorted(set(stages or ()) - set(all_stages))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; {config_file} has {all_stages}")
+    table_file = os.path.join(workdir, "recipe.json")
+    # Rows of stages not run now (an earlier `--stages` run's) stay in the table.
+    table = _read_rows(table_file)
     rows = []
     for stage in stages or all_stages:
         config = stage_config(config_file, stage, workdir, init_from, teacher)
@@ -175,12 +179,21 @@ def run_recipe(
             print("Stopped; run the same command again to resume.", flush=True)
             break
         rows.append(result_row(stage, config, result, run_dir))
+        table[stage] = rows[-1]
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "recipe.json"), "w") as f:
-                json.dump(rows, f, indent=2)
+            ordered = [table[name] for name in all_stages if name in table]
+            with open(table_file, "w") as f:
+                json.dump(ordered, f, indent=2)
             if results_dir:
-                write_results(rows, workdir, results_dir)
+                write_results(ordered, workdir, results_dir)
     return rows
+
+
+def _read_rows(table_file: str) -> dict[str, dict[str, Any]]:
+    if not os.path.exists(table_file):
+        return {}
+    with open(table_file) as f:
+        return {row["stage"]: row for row in json.load(f)}
 
 
 def write_results(rows: list[dict[str, Any]], workdir: str, results_dir: str) -> None:

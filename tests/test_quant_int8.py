@@ -136,12 +136,59 @@ def test_int8_jaxpr_holds_int8_operands_and_int32_accumulation(tiny):
         for eqn in _eqns(jaxpr.jaxpr)
         if eqn.primitive.name in ("conv_general_dilated", "dot_general")
     ]
-    assert len(products) == len(qat.quantized_layers(variables["params"], CONFIG))
+    params = variables["params"]
+    layers = qat.quantized_layers(params, CONFIG)
+    kernels = dict(zip(leaf_names(params), jax.tree.leaves(params), strict=True))
+    depthwise = [name for name in layers if kernels[f"{name}/kernel"].shape[-2] == 1]
+    assert depthwise, "the tiny model should have depthwise layers"
     for eqn in products:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.int8, jnp.int8]
         assert eqn.params["preferred_element_type"] == jnp.int32
         assert eqn.outvars[0].aval.dtype == jnp.int32
-    assert any(eqn.params.get("feature_group_count", 1) > 1 for eqn in products)
+    if jax.default_backend() == "cpu":
+        # Depthwise layers run as int32 multiply-adds of the int8 codes on CPU.
+        assert len(products) == len(layers) - len(depthwise)
+        widened = [
+            eqn
+            for eqn in _eqns(jaxpr.jaxpr)
+            if eqn.primitive.name == "convert_element_type"
+            and eqn.invars[0].aval.dtype == jnp.int8
+            and eqn.outvars[0].aval.dtype == jnp.int32
+        ]
+        assert len(widened) >= 2 * len(depthwise)
+    else:
+        assert len(products) == len(layers)
+        assert any(eqn.params.get("feature_group_count", 1) > 1 for eqn in products)
+
+
+@pytest.mark.parametrize(
+    "kernel_shape, strides, groups",
+    [
+        ((3, 3, 1, 6), (1, 1), 6),
+        ((3, 3, 1, 6), (2, 2), 6),
+        ((1, 1, 6, 5), (1, 1), 1),
+        ((3, 3, 6, 5), (2, 2), 1),
+        ((1, 1, 6, 4), (2, 2), 1),
+    ],
+)
+def test_cpu_int8_conv_routes_give_the_same_integers_as_xla_conv(kernel_shape, strides, groups):
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.integers(-128, 128, (2, 9, 8, 6)), jnp.int8)
+    kernel = jnp.asarray(rng.integers(-128, 128, kernel_shape), jnp.int8)
+    geometry = {"window_strides": strides, "rhs_dilation": (1, 1), "feature_group_count": groups}
+    numbers = jax.lax.conv_dimension_numbers(q.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    expected = jax.lax.conv_general_dilated(
+        q,
+        kernel,
+        strides,
+        "VALID",
+        dimension_numbers=numbers,
+        feature_group_count=groups,
+        preferred_element_type=jnp.int32,
+    )
+    actual = int8._int8_conv(q, kernel, geometry, numbers)
+    assert actual.dtype == jnp.int32
+    np.testing.assert_array_equal(actual, expected)
 
 
 def test_int8_tree_mismatch_is_a_clear_error(tiny):

@@ -81,6 +81,9 @@ def test_recipe_chains_stages_and_writes_table_and_plots(tiny_data_dir, tmp_path
     # Run again, a finished stage is re-evaluated (and re-exported), not trained again.
     again = recipe.run_recipe(str(config_file), workdir, stages=["int8"])
     assert again[0]["steps"] == 2 and again[0]["AP"] == int8["AP"]
+    # The teacher's row, not run this time, stays in the table.
+    table = json.load(open(os.path.join(workdir, "recipe.json")))
+    assert [row["stage"] for row in table] == ["teacher", "int8"]
 
 
 def test_recipe_declarations_are_checked(tmp_path):

@@ -17,6 +17,7 @@ Stages (workdirs/compress/<stage>):
                     the width axis: narrower and wider backbones, alone and distilled
   pruned_50, pruned_90, pruned_channels
                     the sparsity axis from the distilled student (and channels, shrunk)
+  int8_90           pruned_90 -> int8 QAT as for int8: the smallest model of the recipe
 
 Expected: the README's results table and results/*.png.
 """
@@ -36,12 +37,14 @@ STAGES = (
     "pruned_50",
     "pruned_90",
     "pruned_channels",
+    "int8_90",
 )
 _PRUNED = ("pruned", "pruned_50", "pruned_90", "pruned_channels")
-INIT_FROM = {"int8": "pruned", **{stage: "distilled" for stage in _PRUNED}}
+_INT8 = {"int8": "pruned", "int8_90": "pruned_90"}
+INIT_FROM = {**_INT8, **{stage: "distilled" for stage in _PRUNED}}
 TEACHER = {
     stage: "teacher"
-    for stage in ("distilled", "int8", "distilled_w035", "distilled_w075", *_PRUNED)
+    for stage in ("distilled", "distilled_w035", "distilled_w075", *_PRUNED, *_INT8)
 }
 _WORKDIR = "workdirs/compress"
 _WIDTHS = {"w035": "centernet_student_w035", "w075": "centernet_student_w075"}
@@ -60,13 +63,16 @@ def get_config(stage: str = "distilled"):
         config.model.name = _WIDTHS[stage.rsplit("_", 1)[1]]
     if stage in TEACHER:
         config.distill.teacher = f"{_WORKDIR}/{TEACHER[stage]}"
-    if stage in _PRUNED or stage == "int8":
+    if stage in _PRUNED or stage in _INT8:
         config.prune.method = "channel" if stage == "pruned_channels" else "unstructured"
-        config.prune.sparsity = {"pruned_50": 0.5, "pruned_90": 0.9, "pruned_channels": 0.5}.get(
-            stage, 0.8
-        )
+        config.prune.sparsity = {
+            "pruned_50": 0.5,
+            "pruned_90": 0.9,
+            "int8_90": 0.9,
+            "pruned_channels": 0.5,
+        }.get(stage, 0.8)
         config.prune.end_step = 600
-    if stage == "int8":
+    if stage in _INT8:
         # The masks of the pruned stage are the zeros it ends with: a one-shot magnitude
         # mask at the same sparsity at step 0 picks exactly them and keeps them zero.
         config.prune.schedule = "one_shot"

@@ -20,7 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.models.layers import ConvBN, DepthwiseBN, DepthwiseConv3x3
+from jaxcomp.models.layers import (
+    ConvBN,
+    DepthwiseBN,
+    DepthwiseConv3x3,
+    conv_general_dilated_for_backend,
+)
 from jaxcomp.models.mobilenet_v2 import (
     MOBILENET_V2_STAGES,
     MobileNetV2,
@@ -82,13 +87,17 @@ class Head(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        # On CPU the 1x1 convs run as matmuls: XLA's conv wraps their weight gradient
+        # in transposes that cost ~10% of the student's train step.
+        pointwise = conv_general_dilated_for_backend()
         x = DepthwiseConv3x3(impl=self.depthwise_impl, name="depthwise")(x)
-        x = nn.relu(nn.Conv(self.hidden, (1, 1), name="conv")(x))
+        x = nn.relu(nn.Conv(self.hidden, (1, 1), conv_general_dilated=pointwise, name="conv")(x))
         return nn.Conv(
             self.out_features,
             (1, 1),
             kernel_init=nn.initializers.normal(0.01),
             bias_init=nn.initializers.constant(self.bias_init),
+            conv_general_dilated=pointwise,
             name="out",
         )(x)
 

@@ -207,17 +207,16 @@ def pointwise_as_matmul(
     Returns:
       The convolution's output.
     """
-    if _is_plain_pointwise(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        batch_group_count,
-    ):
+    conv_args = {
+        "window_strides": window_strides,
+        "padding": padding,
+        "lhs_dilation": lhs_dilation,
+        "rhs_dilation": rhs_dilation,
+        "dimension_numbers": dimension_numbers,
+        "feature_group_count": feature_group_count,
+        "batch_group_count": batch_group_count,
+    }
+    if _is_plain_pointwise(lhs, rhs, **conv_args):
         out = jnp.dot(
             lhs.reshape(-1, lhs.shape[-1]),
             rhs.reshape(rhs.shape[-2], rhs.shape[-1]),
@@ -226,17 +225,7 @@ def pointwise_as_matmul(
         )
         return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
     return lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        batch_group_count,
-        precision,
-        preferred_element_type,
+        lhs, rhs, **conv_args, precision=precision, preferred_element_type=preferred_element_type
     )
 
 

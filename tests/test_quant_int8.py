@@ -169,6 +169,7 @@ def test_int8_jaxpr_holds_int8_operands_and_int32_accumulation(tiny):
         ((1, 1, 6, 5), (1, 1), 1),
         ((3, 3, 6, 5), (2, 2), 1),
         ((1, 1, 6, 4), (2, 2), 1),
+        ((3, 3, 1, 12), (1, 1), 6),
     ],
 )
 def test_cpu_int8_conv_routes_give_the_same_integers_as_xla_conv(kernel_shape, strides, groups):

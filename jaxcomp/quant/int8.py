@@ -255,7 +255,7 @@ def _int8_conv(
     strides, dilation = geometry["window_strides"], geometry["rhs_dilation"]
     groups = geometry["feature_group_count"]
     on_cpu = jax.default_backend() == "cpu"
-    depthwise = groups == q.shape[-1] and kernel.shape[-2] == 1 and groups > 1
+    depthwise = groups > 1 and groups == q.shape[-1] == kernel.shape[-1] and kernel.shape[-2] == 1
     if on_cpu and depthwise and all(d == 1 for d in dilation):
         return _depthwise_int32(q, kernel, strides)
     conv = pointwise_as_matmul if on_cpu else lax.conv_general_dilated

@@ -88,6 +88,19 @@ def _shifted_macs(padded: jax.Array, taps: jax.Array, stride: int, height: int, 
     return out
 
 
+def shifted_multiply_adds(padded: jax.Array, taps: jax.Array, stride: int) -> jax.Array:
+    """VALID 3x3 depthwise convolution of an already padded NHWC input, in its dtype.
+
+    Args:
+      padded: NHWC input, padded as the convolution wants.
+      taps: [3, 3, C] per-channel weights.
+      stride: spatial stride (a Python int).
+    """
+    height = (padded.shape[1] - 3) // stride + 1
+    width = (padded.shape[2] - 3) // stride + 1
+    return _shifted_macs(padded, taps, stride, height, width)
+
+
 def _pad_spatial(x: jax.Array) -> jax.Array:
     return jnp.pad(x, ((0, 0), *_PADDING, (0, 0)))
 

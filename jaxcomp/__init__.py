@@ -1,5 +1,7 @@
 """jaxcomp: compress object detectors in JAX with pure functions over parameter pytrees."""
 
+import importlib
+
 from jaxcomp import (
     compress,
     data,
@@ -13,7 +15,6 @@ from jaxcomp import (
     quant,
     report,
     train,
-    visualize,
 )
 from jaxcomp.config import default_config, load_config_file, validate_config
 from jaxcomp.evaluation import coco_metrics, format_metrics_table
@@ -22,6 +23,14 @@ from jaxcomp.paths import leaf_names, map_with_names, resolve_rules
 from jaxcomp.train import TrainState, build_experiment, train_and_evaluate
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `visualize` imports matplotlib, a quarter second of every start; it loads on first use.
+    if name == "visualize":
+        return importlib.import_module("jaxcomp.visualize")
+    raise AttributeError(f"module 'jaxcomp' has no attribute {name!r}")
+
 
 __all__ = [
     "TrainState",

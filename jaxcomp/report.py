@@ -6,8 +6,6 @@ works on machines without a display and leaves a notebook's backend alone.
 
 from typing import Any
 
-from matplotlib.figure import Figure
-
 
 def plot_layer_sparsity(report: dict[str, Any], path: str, title: str = "") -> None:
     """A horizontal bar per conv/dense kernel: its sparsity, pruned leaves highlighted.
@@ -21,7 +19,7 @@ def plot_layer_sparsity(report: dict[str, Any], path: str, title: str = "") -> N
     if not rows:
         raise ValueError("the report has no kernel (rank >= 2) leaves to plot")
     height = max(3.0, 0.16 * len(rows) + 1.0)
-    figure = Figure(figsize=(8, height))
+    figure = _figure(figsize=(8, height))
     axis = figure.subplots()
     positions = range(len(rows))
     colors = ["tab:red" if row.get("pruned") else "tab:gray" for row in rows]
@@ -59,7 +57,7 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str) -> None:
       rows: `jaxcomp.recipe.result_row` dicts (stage, AP, bytes_on_disk).
       path: where to write the image.
     """
-    figure = Figure(figsize=(7, 4.5))
+    figure = _figure(figsize=(7, 4.5))
     axis = figure.subplots()
     points = [(row["bytes_on_disk"] / 1024, 100 * row["AP"]) for row in rows]
     axis.scatter(*zip(*points, strict=True), color="tab:blue", zorder=3)
@@ -88,7 +86,7 @@ def plot_accuracy_vs_sparsity(rows: list[dict[str, Any]], path: str) -> None:
     (near-zero) sparsity as the dense reference.
     """
     pruned_models = {row["model"] for row in rows if row["prune"] != "none"}
-    figure = Figure(figsize=(6, 4))
+    figure = _figure(figsize=(6, 4))
     axis = figure.subplots()
     series: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
@@ -123,7 +121,7 @@ def plot_training_curves(curves: dict[str, dict[str, list]], path: str) -> None:
         [0, 1])]}; either list may be empty.
       path: where to write the image.
     """
-    figure = Figure(figsize=(10, 4))
+    figure = _figure(figsize=(10, 4))
     loss_axis, ap_axis = figure.subplots(1, 2)
     for name, curve in sorted(curves.items()):
         if curve["loss"]:
@@ -143,3 +141,10 @@ def plot_training_curves(curves: dict[str, dict[str, list]], path: str) -> None:
     figure.suptitle("training curves")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def _figure(figsize: tuple[float, float]):
+    # matplotlib is imported on first use: it adds a quarter second to every start.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)

@@ -29,7 +29,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxcomp import compress, distill, evaluation, paths, prune, quant, report
+from jaxcomp import compress, distill, evaluation, paths, prune, quant, report, traced_steps
 from jaxcomp.config import validate_config
 from jaxcomp.data import pipeline
 from jaxcomp.detection import decode_detections, detection_loss
@@ -905,6 +905,14 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                 batch_norm_trains=False,
                 distillation=distillation,
             )
+    # A second start of this config reads its steps back traced, next to their compiles.
+    cache_dir = jax.config.jax_compilation_cache_dir
+    traced_dir = os.path.join(cache_dir, "jaxcomp_traced") if cache_dir else None
+    step = traced_steps.cached_step(step, traced_dir, "train_step", config.to_json())
+    if frozen_bn_step is not None:
+        frozen_bn_step = traced_steps.cached_step(
+            frozen_bn_step, traced_dir, "frozen_bn_train_step", config.to_json()
+        )
     return Experiment(
         config=config,
         mesh=mesh,
@@ -1110,6 +1118,47 @@ def train_and_evaluate(
         ) from error
 
     manager = checkpoint_manager(workdir, config.train)
+    end_step = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
+    # Started before the state is built so that the data workers start up meanwhile; a
+    # resume that falls back to an older checkpoint starts them again at its step.
+    expected_start = manager.latest_step() or 0
+    batches = _train_batches(experiment, expected_start, end_step)
+    try:
+        state = _initial_state(experiment, manager)
+        start_step = int(state.step)
+        num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
+        if start_step >= end_step < config.train.steps:
+            manager.close()
+            return {
+                "step": start_step,
+                "preempted": True,
+                "metrics": None,
+                "train": {},
+                "images_per_second": float("nan"),
+                "first_step_seconds": float("nan"),
+                "params": num_params,
+            }
+        if start_step != expected_start:
+            batches.close()
+            batches = _train_batches(experiment, start_step, end_step)
+        writer = MetricsWriter(workdir)
+        result = _train_loop(
+            experiment, state, batches, start_step, manager, writer, workdir, end_step
+        )
+    finally:
+        batches.close()
+    writer.close()
+    manager.wait_until_finished()
+    manager.close()
+    state = result.pop("state")
+    if result["metrics"] is not None:
+        result["compression"] = compression_summary(experiment, state, workdir, result["metrics"])
+    return {**result, "params": num_params}
+
+
+def _initial_state(experiment: Experiment, manager: ocp.CheckpointManager) -> TrainState:
+    """The state to train from: the newest checkpoint, else a fresh (or `init_from`) state."""
+    config = experiment.config
     start_variables = None
     if config.init_from and manager.latest_step() is None:
         start_variables = restore_variables(config.init_from, experiment.variables)
@@ -1123,35 +1172,16 @@ def train_and_evaluate(
         experiment.quant_config,
     )
     state = state.replace(distill=init_distill_state(experiment, config.seed))
-    state = restore_latest(manager, state)
-    start_step = int(state.step)
-    num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
+    return restore_latest(manager, state)
 
-    dataset = experiment_train_dataset(experiment)
-    end_step = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
-    if start_step >= end_step < config.train.steps:
-        manager.close()
-        return {
-            "step": start_step,
-            "preempted": True,
-            "metrics": None,
-            "train": {},
-            "images_per_second": float("nan"),
-            "first_step_seconds": float("nan"),
-            "params": num_params,
-        }
-    batches = pipeline.iterate_batches(
-        dataset, start_step, max(end_step - start_step, 0), config.data.num_workers
+
+def _train_batches(experiment: Experiment, start_step: int, end_step: int) -> Iterator[dict]:
+    return pipeline.iterate_batches(
+        experiment_train_dataset(experiment),
+        start_step,
+        max(end_step - start_step, 0),
+        experiment.config.data.num_workers,
     )
-    writer = MetricsWriter(workdir)
-    result = _train_loop(experiment, state, batches, start_step, manager, writer, workdir, end_step)
-    writer.close()
-    manager.wait_until_finished()
-    manager.close()
-    state = result.pop("state")
-    if result["metrics"] is not None:
-        result["compression"] = compression_summary(experiment, state, workdir, result["metrics"])
-    return {**result, "params": num_params}
 
 
 def compression_summary(

@@ -42,9 +42,14 @@ def tiny_data_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_config(tiny_data_dir):
     """A config that trains the tiny detector on the tiny dataset in seconds."""
+    return tiny_config_for(tiny_data_dir)
+
+
+def tiny_config_for(data_dir: str):
+    """The `tiny_config` fixture's config, for fixtures of a wider scope."""
     config = default_config()
     config.data.name = "jaxcomp_embedded/tiny"
-    config.data.data_dir = tiny_data_dir
+    config.data.data_dir = data_dir
     config.data.image_size = 64
     config.data.max_objects = 8
     config.data.num_workers = 0

@@ -1,5 +1,8 @@
 """Tests of the input pipeline on the tiny embedded dataset, mock VOC and synthetic examples."""
 
+import multiprocessing
+import time
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -147,8 +150,20 @@ def test_resuming_sees_the_same_batches(train_source):
 def test_worker_processes_yield_the_same_batches(train_source):
     ds = _train(train_source)
     with_workers = list(iterate_batches(ds, start_step=2, num_steps=3, num_workers=2))
+    assert len(with_workers) == 3
     for step, batch in enumerate(with_workers, start=2):
         _assert_batches_equal(batch, ds[step])
+
+
+def test_closing_batches_before_the_first_stops_the_workers(train_source):
+    # The workers start when the iterator is made (they start up while the model compiles).
+    batches = iterate_batches(_train(train_source), start_step=0, num_steps=4, num_workers=2)
+    deadline = time.monotonic() + 60
+    while not multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert multiprocessing.active_children()
+    batches.close()
+    assert not multiprocessing.active_children()
 
 
 def test_process_shards_concatenate_to_the_global_batch(train_source):

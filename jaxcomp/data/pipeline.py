@@ -16,6 +16,7 @@ whatever the number of processes or data-loader workers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import difflib
 import functools
@@ -626,27 +627,56 @@ def iterate_batches(
 
 
 def _iterate(ds: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
-    iter_ds = ds.to_iter_dataset(_READ_OPTIONS)
-    if num_workers > 0:
-        if not flags.FLAGS.is_parsed():
-            # grain 0.2.18's mp_prefetch reads an absl flag, which raises in programs that do not
-            # parse flags (tests, notebooks); the defaults are what they would get
-            # (google/grain#1355, fixed upstream after 0.2.18).
-            flags.FLAGS.mark_as_parsed()
-        iter_ds = iter_ds.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=num_workers, per_worker_buffer_size=_WORKER_BUFFER_SIZE
-            )
-        )
-    return _closing(iter(iter_ds))
+    if num_workers == 0 or len(ds) == 0:
+        return _Batches(iter(ds.to_iter_dataset(_READ_OPTIONS)))
+    if not flags.FLAGS.is_parsed():
+        # grain 0.2.18's mp_prefetch reads an absl flag, which raises in programs that do not
+        # parse flags (tests, notebooks); the defaults are what they would get
+        # (google/grain#1355, fixed upstream after 0.2.18).
+        flags.FLAGS.mark_as_parsed()
+    rest = ds[1:].to_iter_dataset(_READ_OPTIONS)
+    options = grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=_WORKER_BUFFER_SIZE
+    )
+    # The worker processes take seconds to start. The first batch is made in this process,
+    # so the first step never waits for them.
+    return _Batches(iter(rest.mp_prefetch(options)), first=ds[0])
 
 
-def _closing(iterator: grain.DatasetIterator) -> Iterator[dict[str, np.ndarray]]:
-    # Closing joins the worker processes now rather than whenever garbage collection runs.
-    try:
-        yield from iterator
-    finally:
-        iterator.close()
+class _Batches(Iterator[dict[str, np.ndarray]]):
+    """The batch `first` (if given), then those of a grain iterator.
+
+    With `first`, the iterator's next batch is asked for at once, in a background thread:
+    its worker processes start up while the caller builds its model and compiles. The
+    workers are joined once the batches are exhausted or closed, rather than whenever
+    garbage collection runs.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator, first: dict | None = None):
+        self._first = first
+        self._iterator = iterator
+        self._executor = self._ahead = None
+        if first is not None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+            self._ahead = self._executor.submit(next, iterator, None)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._first is not None:
+            batch, self._first = self._first, None
+            return batch
+        if self._ahead is not None:
+            batch, self._ahead = self._ahead.result(), None
+        else:
+            batch = next(self._iterator, None)
+        if batch is None:
+            self.close()
+            raise StopIteration
+        return batch
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._iterator.close()
 
 
 def eval_batches(

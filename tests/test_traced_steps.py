@@ -1,0 +1,162 @@
+"""`traced_steps.cached_step`: a later process reads the step back instead of tracing it."""
+
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import tiny_config_for
+
+from jaxcomp import traced_steps, train
+
+
+@pytest.fixture
+def traced_functions():
+    """Names of the functions JAX traces while the test runs (public `jax.monitoring` events)."""
+    names = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield names
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_data_dir):
+    config = tiny_config_for(tiny_data_dir)
+    experiment = train.build_experiment(config)
+    batch = train.global_batch(
+        train.experiment_train_dataset(experiment)[0], experiment.mesh, train.TRAIN_FIELDS
+    )
+
+    def fresh_state():
+        return train.init_state(experiment.model, experiment.optimizer, 64, 0, experiment.mesh)
+
+    # build_experiment keeps its steps traced (the tests enable a compilation cache); the
+    # plain jitted step inside is the reference.
+    assert isinstance(experiment.train_step, traced_steps._CachedStep)
+    plain_step = experiment.train_step._step
+    expected = jax.device_get(plain_step(fresh_state(), batch))
+    return config, batch, fresh_state, expected
+
+
+def _assert_equal(got, expected):
+    for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_second_process_reads_the_step_back_without_tracing_it(
+    setting, tmp_path, traced_functions
+):
+    config, batch, fresh_state, expected = setting
+
+    def new_process_step():
+        # A new experiment's step is a new jitted function, with nothing traced yet.
+        step = train.build_experiment(config).train_step._step
+        return traced_steps.cached_step(step, str(tmp_path), "train_step", config.to_json())
+
+    first = new_process_step()
+    state = fresh_state()
+    _assert_equal(first(state, batch), expected)
+    # Traced once, as traced_steps' `flat_step` (the step on its state's leaves).
+    assert traced_functions.count("flat_step") == 1
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state)), "state was not donated"
+    assert len(list(tmp_path.glob("train_step-*.exported"))) == 1
+
+    second = new_process_step()
+    traced_functions.clear()
+    _assert_equal(second(fresh_state(), batch), expected)
+    _assert_equal(second(fresh_state(), batch), expected)
+    assert "flat_step" not in traced_functions, "traced although it was on disk"
+    assert second._cache_size() == 1
+
+
+def _toy_step(counter: list):
+    """A real (small) optax step, f(state, batch) -> (state, metrics), that counts its traces."""
+    optimizer = optax.adam(0.1)
+
+    def step(state, batch):
+        counter.append(1)
+
+        def loss_fn(weights):
+            return jnp.mean((batch["x"] @ weights - batch["y"]) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["weights"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"])
+        new_state = {"weights": state["weights"] + updates, "opt_state": opt_state}
+        return new_state, {"loss": loss}
+
+    def fresh_state():
+        weights = jnp.zeros((3,))
+        return {"weights": weights, "opt_state": optimizer.init(weights)}
+
+    return jax.jit(step, donate_argnums=0), fresh_state
+
+
+_TOY_BATCH = {"x": jnp.eye(3)[:2], "y": jnp.ones((2,))}
+
+
+def test_another_key_or_batch_shape_is_another_program(tmp_path):
+    traces = []
+    step, fresh_state = _toy_step(traces)
+    cached = traced_steps.cached_step(step, str(tmp_path), "toy", "config")
+    cached(fresh_state(), _TOY_BATCH)
+    cached(fresh_state(), {"x": jnp.eye(3), "y": jnp.ones((3,))})
+    assert len(traces) == 2 and cached._cache_size() == 2
+    traced_steps.cached_step(_toy_step(traces)[0], str(tmp_path), "toy", "other config")(
+        fresh_state(), _TOY_BATCH
+    )
+    assert len(traces) == 3
+    assert len(list(tmp_path.glob("toy-*.exported"))) == 3
+
+
+def test_a_damaged_file_is_traced_again(tmp_path, caplog):
+    step, fresh_state = _toy_step([])
+    expected = jax.device_get(step(fresh_state(), _TOY_BATCH))
+    traced_steps.cached_step(_toy_step([])[0], str(tmp_path), "toy", "k")(fresh_state(), _TOY_BATCH)
+    (path,) = tmp_path.glob("toy-*.exported")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    traces = []
+    cached = traced_steps.cached_step(_toy_step(traces)[0], str(tmp_path), "toy", "k")
+    with caplog.at_level(logging.WARNING):
+        _assert_equal(cached(fresh_state(), _TOY_BATCH), expected)
+    assert len(traces) == 1
+    assert "damaged" in caplog.text and path.name in caplog.text
+    traced_steps.cached_step(_toy_step(traces)[0], str(tmp_path), "toy", "k")(
+        fresh_state(), _TOY_BATCH
+    )
+    assert len(traces) == 1, "the re-exported file does not read back"
+
+
+def test_a_step_whose_state_changes_structure_runs_untraced(tmp_path, caplog):
+    def step(state, batch):
+        return {"grown": state}, {"loss": jnp.sum(batch["x"])}
+
+    state = {"weights": jnp.zeros((3,))}
+    with caplog.at_level(logging.WARNING):
+        new_state, _ = traced_steps.cached_step(jax.jit(step), str(tmp_path), "odd", "k")(
+            state, _TOY_BATCH
+        )
+    assert "not kept traced" in caplog.text and "structure" in caplog.text
+    assert set(new_state) == {"grown"}
+    assert not list(tmp_path.glob("odd-*.exported"))
+
+
+def test_without_a_directory_the_step_is_returned_as_is():
+    step = _toy_step([])[0]
+    assert traced_steps.cached_step(step, None, "train_step", "config") is step
+
+
+def test_experiments_key_their_steps_by_config(setting):
+    config = setting[0]
+    step = train.build_experiment(config).train_step
+    assert json.loads(step._key) == json.loads(config.to_json())

@@ -53,6 +53,15 @@ def cached_step(step: Callable, directory: str | None, name: str, key: str) -> C
     return _CachedStep(step, pathlib.Path(directory), name, key)
 
 
+def compile_ahead(step: Callable, *args) -> None:
+    """Compiles `step` (jitted, or from `cached_step`) for `args`, arrays or
+    `jax.ShapeDtypeStruct`s with shardings, so that its first call on such arguments
+    runs without tracing or compiling."""
+    if isinstance(step, _CachedStep):
+        step = step._program_for(args[0], args[1:])
+    step.trace(*args).lower().compile()
+
+
 class _CachedStep:
     def __init__(self, step: Callable, directory: pathlib.Path, name: str, key: str):
         self._step = step
@@ -62,14 +71,17 @@ class _CachedStep:
         self._programs: dict[Any, Callable] = {}
 
     def __call__(self, state, *args):
+        return self._program_for(state, args)(state, *args)
+
+    def _program_for(self, state, args: tuple) -> Callable:
         if jax.process_count() > 1:
-            return self._step(state, *args)
+            return self._step
         leaves, structure = jax.tree.flatten((state, args))
         signature = (structure, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
         program = self._programs.get(signature)
         if program is None:
             program = self._programs[signature] = self._program(state, args)
-        return program(state, *args)
+        return program
 
     def _cache_size(self) -> int:
         """Like `jax.jit`'s: how many programs this step has compiled."""

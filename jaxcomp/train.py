@@ -5,9 +5,11 @@ creation, the jitted sharded train and eval steps, checkpointing, logging) are
 separate so that notebooks, tests and later compression stages reuse them.
 """
 
+import concurrent.futures
 import dataclasses
 import errno
 import functools
+import itertools
 import json
 import logging
 import os
@@ -202,14 +204,20 @@ def init_state(
       variables: optional {'params', 'batch_stats'} to start from (see `restore_variables`).
       quant_config: adds activation observers for int8 runs (`compress.make_quant_config`).
     """
-    replicated = NamedSharding(mesh, PartitionSpec())
-    init_fn = jax.jit(
+    init_fn = jit_init_state(model, optimizer, image_size, mesh, quant_config)
+    return init_fn(jax.random.key(seed), variables)
+
+
+def jit_init_state(
+    model, optimizer, image_size: int, mesh: Mesh, quant_config: quant.QuantConfig | None = None
+) -> Callable:
+    """`create_train_state` jitted: f(rng, variables) -> the TrainState, replicated on `mesh`."""
+    return jax.jit(
         functools.partial(
             create_train_state, model, optimizer, image_size, quant_config=quant_config
         ),
-        out_shardings=replicated,
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
     )
-    return init_fn(jax.random.key(seed), variables)
 
 
 def abstract_variables(model: nn.Module, image_size: int) -> dict:
@@ -855,13 +863,22 @@ class Experiment:
 
     def train_step_at(self, step: int) -> Callable:
         """The compiled step that takes the state from `step` to `step + 1`, as f(state, batch)."""
-        freeze = self.config.quant.freeze_bn_step
-        compiled = self.train_step
-        if self.frozen_bn_train_step is not None and step >= freeze:
-            compiled = self.frozen_bn_train_step
+        compiled = self._step_at(step)
         if self.teacher_variables is None:
             return compiled
         return lambda state, batch: compiled(state, batch, self.teacher_variables)
+
+    def compile_step_at(self, step: int, state, batch) -> None:
+        """Compiles `train_step_at(step)` ahead of its first call, for the shapes of `state`
+        and `batch` (arrays or `jax.ShapeDtypeStruct`s with shardings)."""
+        extra = () if self.teacher_variables is None else (self.teacher_variables,)
+        traced_steps.compile_ahead(self._step_at(step), state, batch, *extra)
+
+    def _step_at(self, step: int) -> Callable:
+        freeze = self.config.quant.freeze_bn_step
+        if self.frozen_bn_train_step is not None and step >= freeze:
+            return self.frozen_bn_train_step
+        return self.train_step
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -1124,7 +1141,10 @@ def train_and_evaluate(
     expected_start = manager.latest_step() or 0
     batches = _train_batches(experiment, expected_start, end_step)
     try:
-        state = _initial_state(experiment, manager)
+        # Made in this process at once (the workers start meanwhile); its shapes let the
+        # first step compile while the state is built.
+        first = next(batches, None)
+        state = _initial_state(experiment, manager, first)
         start_step = int(state.step)
         num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
         if start_step >= end_step < config.train.steps:
@@ -1141,9 +1161,17 @@ def train_and_evaluate(
         if start_step != expected_start:
             batches.close()
             batches = _train_batches(experiment, start_step, end_step)
+            first = None
         writer = MetricsWriter(workdir)
         result = _train_loop(
-            experiment, state, batches, start_step, manager, writer, workdir, end_step
+            experiment,
+            state,
+            itertools.chain([] if first is None else [first], batches),
+            start_step,
+            manager,
+            writer,
+            workdir,
+            end_step,
         )
     finally:
         batches.close()
@@ -1156,23 +1184,60 @@ def train_and_evaluate(
     return {**result, "params": num_params}
 
 
-def _initial_state(experiment: Experiment, manager: ocp.CheckpointManager) -> TrainState:
-    """The state to train from: the newest checkpoint, else a fresh (or `init_from`) state."""
+def _initial_state(
+    experiment: Experiment, manager: ocp.CheckpointManager, batch: dict | None
+) -> TrainState:
+    """The state to train from: the newest checkpoint, else a fresh (or `init_from`) state.
+
+    With `batch` (a local batch, for its shapes), the first train step is compiled
+    meanwhile: the init program compiles, or loads from the compilation cache, in a
+    background thread while this one prepares the step. XLA releases the GIL while it
+    compiles and loads, so on 2 cores the two mostly overlap.
+    """
     config = experiment.config
     start_variables = None
     if config.init_from and manager.latest_step() is None:
         start_variables = restore_variables(config.init_from, experiment.variables)
-    state = init_state(
+    init_fn = jit_init_state(
         experiment.model,
         experiment.optimizer,
         config.data.image_size,
-        config.seed,
         experiment.mesh,
-        start_variables,
         experiment.quant_config,
     )
-    state = state.replace(distill=init_distill_state(experiment, config.seed))
-    return restore_latest(manager, state)
+    rng = jax.random.key(config.seed)
+    traced = init_fn.trace(rng, start_variables)
+    distill_state = init_distill_state(experiment, config.seed)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        compiled_init = pool.submit(lambda: traced.lower().compile())
+        if batch is not None:
+            abstract_state = traced.out_info.replace(
+                distill=jax.tree.map(_shape_dtype_struct, distill_state)
+            )
+            experiment.compile_step_at(
+                manager.latest_step() or 0,
+                abstract_state,
+                _abstract_global_batch(batch, experiment.mesh),
+            )
+        state = compiled_init.result()(rng, start_variables)
+    return restore_latest(manager, state.replace(distill=distill_state))
+
+
+def _shape_dtype_struct(array: jax.Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=array.sharding)
+
+
+def _abstract_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict:
+    """The shapes `global_batch` gives this process's rows: every process adds as many."""
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return {
+        name: jax.ShapeDtypeStruct(
+            (local_batch[name].shape[0] * jax.process_count(), *local_batch[name].shape[1:]),
+            local_batch[name].dtype,
+            sharding=sharding,
+        )
+        for name in TRAIN_FIELDS
+    }
 
 
 def _train_batches(experiment: Experiment, start_step: int, end_step: int) -> Iterator[dict]:

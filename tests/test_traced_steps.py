@@ -160,3 +160,17 @@ def test_experiments_key_their_steps_by_config(setting):
     config = setting[0]
     step = train.build_experiment(config).train_step
     assert json.loads(step._key) == json.loads(config.to_json())
+
+
+@pytest.mark.parametrize("keep_traced", [False, True])
+def test_compile_ahead_makes_the_first_call_run_at_once(keep_traced, tmp_path, traced_functions):
+    step, fresh_state = _toy_step([])
+    step = traced_steps.cached_step(step, str(tmp_path) if keep_traced else None, "toy", "k")
+    state = fresh_state()
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (state, _TOY_BATCH)
+    )
+    traced_steps.compile_ahead(step, *abstract)
+    traced_functions.clear()
+    step(state, _TOY_BATCH)
+    assert traced_functions == [] and step._cache_size() == 1

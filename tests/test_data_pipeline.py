@@ -164,6 +164,15 @@ def test_closing_batches_before_the_first_stops_the_workers(train_source):
     assert multiprocessing.active_children()
     batches.close()
     assert not multiprocessing.active_children()
+    assert list(batches) == []
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_exhausted_batches_stay_empty(train_source, num_workers):
+    for num_steps in (0, 2):
+        batches = iterate_batches(_train(train_source), 0, num_steps, num_workers)
+        assert len(list(batches)) == num_steps
+        assert next(batches, None) is None
 
 
 def test_process_shards_concatenate_to_the_global_batch(train_source):

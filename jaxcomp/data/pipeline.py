@@ -649,12 +649,13 @@ class _Batches(Iterator[dict[str, np.ndarray]]):
     With `first`, the iterator's next batch is asked for at once, in a background thread:
     its worker processes start up while the caller builds its model and compiles. The
     workers are joined once the batches are exhausted or closed, rather than whenever
-    garbage collection runs.
+    garbage collection runs; from then on the batches are empty, like a closed generator's.
     """
 
     def __init__(self, iterator: grain.DatasetIterator, first: dict | None = None):
         self._first = first
         self._iterator = iterator
+        self._closed = False
         self._executor = self._ahead = None
         if first is not None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -664,6 +665,8 @@ class _Batches(Iterator[dict[str, np.ndarray]]):
         if self._first is not None:
             batch, self._first = self._first, None
             return batch
+        if self._closed:
+            raise StopIteration
         if self._ahead is not None:
             batch, self._ahead = self._ahead.result(), None
         else:
@@ -674,6 +677,7 @@ class _Batches(Iterator[dict[str, np.ndarray]]):
         return batch
 
     def close(self) -> None:
+        self._closed, self._first = True, None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         self._iterator.close()

@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/prune.py
 	$(BIN)/python benchmarks/quant.py
 	$(BIN)/python benchmarks/distill.py
+	$(BIN)/python benchmarks/huge_pages.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -44,7 +44,7 @@ import numpy as np
 from absl import app, flags
 from common import NUM_CLASSES, alternate, median_ms, paired_ratio, seconds, synthetic_batch
 
-from jaxcomp import flops, train
+from jaxcomp import flops, huge_pages, train
 from jaxcomp.config import default_config, load_config_file
 from jaxcomp.data import pipeline
 from jaxcomp.models import create_model
@@ -56,6 +56,12 @@ flags.DEFINE_integer("batch_size", 16, "Global batch size.")
 flags.DEFINE_integer("image_size", 128, "Input side.")
 flags.DEFINE_integer("repeats", 7, "Timed rounds (the median is reported).")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square float32 matmul used as yardstick.")
+flags.DEFINE_bool(
+    "huge_pages",
+    True,
+    "Restart with glibc's huge pages for large allocations, as the command line does "
+    "(jaxcomp/huge_pages.py); --nohuge_pages measures without them, here and in --startup.",
+)
 flags.DEFINE_bool("startup", True, "Also time command-to-first-step, cold and warm cache.")
 flags.DEFINE_list("startup_configs", ["configs/student.py"], "Config files for --startup.")
 flags.DEFINE_integer("startup_timeout", 900, "Seconds one command may take to its 4th step.")
@@ -183,7 +189,12 @@ def _step_seconds(config_file: str, cache_dir: str, workdir: str) -> list[float]
     ends: list[float] = []
     start = time.perf_counter()
     process = subprocess.Popen(
-        command, cwd=_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=_REPO,
+        env=_command_line_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         while len(ends) < _TIMED_STEPS:
@@ -213,6 +224,19 @@ def _step_seconds(config_file: str, cache_dir: str, workdir: str) -> list[float]
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
+
+
+def _command_line_environment() -> dict[str, str]:
+    """This environment without the huge-pages tunable, so that the command line's own
+    restart for it is timed; with --nohuge_pages, with the tunable's opt-out."""
+    tunables = [
+        item
+        for item in os.environ.get("GLIBC_TUNABLES", "").split(":")
+        if item and item.split("=")[0] != huge_pages.TUNABLE
+    ]
+    if not FLAGS.huge_pages:
+        tunables.append(f"{huge_pages.TUNABLE}=0")
+    return {**os.environ, "GLIBC_TUNABLES": ":".join(tunables)}
 
 
 def measure_startup(config_file: str) -> dict:
@@ -266,10 +290,13 @@ def format_table(rows: list[dict], matmul_gflops: float) -> str:
 
 def main(argv):
     del argv
+    if FLAGS.huge_pages:
+        huge_pages.restart_with_huge_pages()
     rows, matmul_gflops = measure_steps()
     print(
         f"\nbackend={jax.default_backend()} devices={jax.device_count()} "
-        f"batch={FLAGS.batch_size} image={FLAGS.image_size} repeats={FLAGS.repeats}"
+        f"batch={FLAGS.batch_size} image={FLAGS.image_size} repeats={FLAGS.repeats} "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
     )
     print(format_table(rows, matmul_gflops))
     startup = []
@@ -291,6 +318,7 @@ def main(argv):
             {
                 "backend": jax.default_backend(),
                 "devices": jax.device_count(),
+                "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                 "batch_size": FLAGS.batch_size,
                 "image_size": FLAGS.image_size,
                 "repeats": FLAGS.repeats,

@@ -1,61 +1,55 @@
-"""jaxcomp: compress object detectors in JAX with pure functions over parameter pytrees."""
+"""jaxcomp: compress object detectors in JAX with pure functions over parameter pytrees.
+
+Submodules and the names below load on first use (PEP 562), so that `import jaxcomp`
+is cheap: every data worker process imports the package again, and on a 2-core
+machine those imports compete with the main process's start-up.
+"""
 
 import importlib
 
-from jaxcomp import (
-    compress,
-    data,
-    detection,
-    distill,
-    evaluation,
-    flops,
-    models,
-    paths,
-    prune,
-    quant,
-    report,
-    train,
-)
-from jaxcomp.config import default_config, load_config_file, validate_config
-from jaxcomp.evaluation import coco_metrics, format_metrics_table
-from jaxcomp.models import create_model
-from jaxcomp.paths import leaf_names, map_with_names, resolve_rules
-from jaxcomp.train import TrainState, build_experiment, train_and_evaluate
-
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    # `visualize` imports matplotlib, a quarter second of every start; it loads on first use.
-    if name == "visualize":
-        return importlib.import_module("jaxcomp.visualize")
-    raise AttributeError(f"module 'jaxcomp' has no attribute {name!r}")
-
-
-__all__ = [
-    "TrainState",
-    "build_experiment",
-    "coco_metrics",
+_SUBMODULES = (
     "compress",
-    "create_model",
     "data",
-    "default_config",
     "detection",
     "distill",
     "evaluation",
     "flops",
-    "format_metrics_table",
-    "leaf_names",
-    "load_config_file",
-    "map_with_names",
+    "huge_pages",
     "models",
     "paths",
     "prune",
     "quant",
     "report",
-    "resolve_rules",
     "train",
-    "train_and_evaluate",
-    "validate_config",
     "visualize",
-]
+)
+_NAMES = {
+    "TrainState": "train",
+    "build_experiment": "train",
+    "train_and_evaluate": "train",
+    "coco_metrics": "evaluation",
+    "format_metrics_table": "evaluation",
+    "create_model": "models",
+    "default_config": "config",
+    "load_config_file": "config",
+    "validate_config": "config",
+    "leaf_names": "paths",
+    "map_with_names": "paths",
+    "resolve_rules": "paths",
+}
+
+__all__ = sorted([*_SUBMODULES, *_NAMES])
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"jaxcomp.{name}")
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"jaxcomp.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'jaxcomp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -10,12 +10,10 @@ On several hosts, run the same command on each host with --distributed (see READ
 
 import json
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxcomp import train
-from jaxcomp.evaluation import format_metrics_table
+from jaxcomp import huge_pages
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval results.")
@@ -85,6 +83,17 @@ def check_distributed_flags(
 
 
 def main(argv):
+    # Before anything else: it starts this command again when that gives XLA:CPU's
+    # per-step temporaries huge pages (jaxcomp/huge_pages.py).
+    huge_pages.restart_with_huge_pages()
+    # Imported here rather than at the top: each data worker process imports this module
+    # again (multiprocessing's spawn) and needs neither, and on 2 cores their imports
+    # compete with this process's start-up.
+    import jax
+
+    from jaxcomp import train
+    from jaxcomp.evaluation import format_metrics_table
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     check_distributed_flags(

@@ -1,19 +1,25 @@
-"""Train steps kept traced and lowered on disk, so that a second start skips tracing them.
+"""What a second start of a config reads back instead of recomputing: its train steps,
+traced and lowered, its initial state and its model's variable shapes.
 
 JAX's persistent compilation cache spares a second start XLA's compile, but not the
 Python tracing and lowering that come before it: 2-3 s for a MobileNetV2 detector's
 train step on a 2-core CPU, more than loading its cached executable. `cached_step`
-keeps the lowered step (`jax.export`, serialized StableHLO) in a directory, keyed by
-everything that can change the program:
+keeps the lowered step (`jax.export`, serialized StableHLO) in a directory. Likewise
+the initial state (random parameters, zero optimizer moments) is a pure function of
+the config: `initial_state_path`, `read_state` and `write_state` keep it, so that a
+second start neither traces, lowers and loads the init program (about 3 s of CPU
+for the student) nor runs it; `cached_shapes` keeps the variable shapes that
+`jax.eval_shape` of the model's init finds. All are keyed by everything that can
+change them:
 
 - the caller's key (the experiment config and which step it is);
 - the bytes of jaxcomp's own source files;
 - the versions of jax, jaxlib, flax and optax, and JAX's numerics flags;
 - the backend and its devices;
-- the arguments' tree structure, shapes, dtypes and shardings.
+- the arguments' (or the state's) tree structure, shapes, dtypes and shardings.
 
-A second start of the same config reads the step back and goes straight to the
-(cached) compile. Single-process runs only: a multi-process run traces as usual.
+They live in `jaxcomp_traced/` inside JAX's compilation cache directory (`cache_directory`).
+Single-process runs only: a multi-process run traces and initializes as usual.
 """
 
 from __future__ import annotations
@@ -21,16 +27,26 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import pathlib
 import tempfile
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 _DIGEST_BYTES = 64  # hex sha256 of the payload, written before it
+
+
+def cache_directory() -> pathlib.Path | None:
+    """`jaxcomp_traced/` in JAX's compilation cache directory; None when that cache is off."""
+    cache_dir = jax.config.jax_compilation_cache_dir
+    return pathlib.Path(cache_dir) / "jaxcomp_traced" if cache_dir else None
 
 
 def cached_step(step: Callable, directory: str | None, name: str, key: str) -> Callable:
@@ -90,7 +106,7 @@ class _CachedStep:
     def _program(self, state, args: tuple) -> Callable:
         """A jitted f(state, *args) that calls the exported step, read back or exported now."""
         state_leaves, state_structure = jax.tree.flatten(state)
-        path = self._directory / f"{self._name}-{self._digest(state, args)}.exported"
+        path = self._directory / f"{self._name}-{_digest(self._key, (state, args))}.exported"
         exported = _read(path)
         if exported is None:
 
@@ -121,15 +137,14 @@ class _CachedStep:
         state_shardings = jax.tree.map(lambda leaf: getattr(leaf, "sharding", None), state)
         return jax.jit(run, donate_argnums=0, out_shardings=(state_shardings, None))
 
-    def _digest(self, state, args: tuple) -> str:
-        arguments = [
-            (path, leaf.shape, str(leaf.dtype), str(getattr(leaf, "sharding", None)))
-            for path, leaf in jax.tree_util.tree_leaves_with_path((state, args))
-        ]
-        described = repr(
-            (self._key, _environment(), str(jax.tree.structure((state, args))), arguments)
-        )
-        return hashlib.sha256(described.encode()).hexdigest()[:32]
+
+def _digest(key: str, tree) -> str:
+    arguments = [
+        (path, leaf.shape, str(leaf.dtype), str(getattr(leaf, "sharding", None)))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    ]
+    described = repr((key, _environment(), str(jax.tree.structure(tree)), arguments))
+    return hashlib.sha256(described.encode()).hexdigest()[:32]
 
 
 @functools.cache
@@ -169,10 +184,132 @@ def _read(path: pathlib.Path) -> jax.export.Exported | None:
 
 
 def _write(path: pathlib.Path, exported: jax.export.Exported) -> None:
-    """Writes atomically, so that a reader sees the whole file or none of it."""
     payload = exported.serialize()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as file:
+
+    def write(file):
         file.write(hashlib.sha256(payload).hexdigest().encode())
         file.write(payload)
-    os.replace(file.name, path)
+
+    _write_atomically(path, write)
+
+
+def initial_state_path(key: str, abstract_state) -> pathlib.Path | None:
+    """Where the initial state of `key` is kept (`initial_state-<digest>.npz`).
+
+    Args:
+      key: identifies the state beyond its shapes, e.g. the config as JSON (its seed,
+        model and optimizer): equal keys and shapes must mean equal initial states.
+      abstract_state: the state's `jax.ShapeDtypeStruct`s, with shardings.
+
+    Returns:
+      The path, or None when the compilation cache is off or several processes run.
+    """
+    cache = cache_directory()
+    if cache is None or jax.process_count() > 1:
+        return None
+    return cache / f"initial_state-{_digest(key, abstract_state)}.npz"
+
+
+def read_state(path: pathlib.Path, abstract_state):
+    """The state kept at `path`, placed with `abstract_state`'s shardings.
+
+    Returns:
+      The state, or None when the file is missing, damaged or of other shapes (a
+      warning is logged for the last two; the caller initializes as usual).
+    """
+    expected, structure = jax.tree.flatten(abstract_state)
+    try:
+        with np.load(path) as stored:
+            leaves = [stored[f"leaf_{index}"] for index in range(len(expected))]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        logging.warning("%s cannot be read (%s); initializing again", path, error)
+        return None
+    for leaf, want in zip(leaves, expected, strict=True):
+        if leaf.shape != want.shape or leaf.dtype != want.dtype:
+            logging.warning(
+                "%s holds a %s %s leaf where the state has %s %s; initializing again",
+                path,
+                leaf.shape,
+                leaf.dtype,
+                want.shape,
+                want.dtype,
+            )
+            return None
+    placed = [
+        jax.device_put(leaf, want.sharding) for leaf, want in zip(leaves, expected, strict=True)
+    ]
+    return jax.tree.unflatten(structure, placed)
+
+
+def write_state(path: pathlib.Path, state) -> None:
+    """Keeps `state` at `path` for `read_state` (compressed: most leaves are zeros)."""
+    leaves = jax.device_get(jax.tree.leaves(state))
+    _write_atomically(
+        path,
+        lambda file: np.savez_compressed(
+            file, **{f"leaf_{index}": leaf for index, leaf in enumerate(leaves)}
+        ),
+    )
+
+
+def _write_atomically(path: pathlib.Path, write: Callable) -> None:
+    """`write(file)` into a temporary file renamed to `path`, so that a reader sees the
+    whole file or none of it. A cache that cannot be written is logged, not raised:
+    the run goes on without it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp")
+        try:
+            with file:
+                write(file)
+            os.replace(file.name, path)
+        finally:
+            if os.path.exists(file.name):  # a write that failed half-way
+                os.unlink(file.name)
+    except OSError as error:
+        logging.warning("cannot keep %s for the next start (%s); going on without it", path, error)
+
+
+def cached_shapes(compute: Callable[[], dict], name: str, key: str) -> dict:
+    """`compute()`, or the copy that an earlier start kept for `key`.
+
+    For shapes that take a trace to find, such as `jax.eval_shape` of a Flax model's
+    init (0.5 s for the student, on every start).
+
+    Args:
+      compute: returns a nested dict of `jax.ShapeDtypeStruct`s (without shardings).
+      name: names the file (`<name>-<digest>.json` in `cache_directory()`).
+      key: identifies the result, e.g. the model's repr and the input size.
+
+    Returns:
+      The nested dict; computed when caches are off, or the file is missing or damaged.
+    """
+    cache = cache_directory()
+    if cache is None:
+        return compute()
+    path = cache / f"{name}-{_digest(key, None)}.json"
+    try:
+        return _shapes_from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as error:
+        logging.warning("%s cannot be read (%s); computing it again", path, error)
+    shapes = compute()
+    encoded = json.dumps(_shapes_to_json(shapes))
+    _write_atomically(path, lambda file: file.write(encoded.encode()))
+    return shapes
+
+
+def _shapes_to_json(tree):
+    if isinstance(tree, dict):
+        return {name: _shapes_to_json(subtree) for name, subtree in tree.items()}
+    return [str(tree.dtype), list(tree.shape)]
+
+
+def _shapes_from_json(tree):
+    if isinstance(tree, dict):
+        return {name: _shapes_from_json(subtree) for name, subtree in tree.items()}
+    dtype, shape = tree
+    return jax.ShapeDtypeStruct(tuple(int(size) for size in shape), jnp.dtype(dtype))

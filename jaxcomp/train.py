@@ -221,9 +221,16 @@ def jit_init_state(
 
 
 def abstract_variables(model: nn.Module, image_size: int) -> dict:
-    """Shapes and dtypes of the model's variables, traced without computing anything."""
+    """Shapes and dtypes of the model's variables, traced without computing anything
+    (and kept for the next start: `traced_steps.cached_shapes`)."""
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
-    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+    return traced_steps.cached_shapes(
+        lambda: jax.eval_shape(
+            functools.partial(model.init, train=False), jax.random.key(0), images
+        ),
+        "variables",
+        f"{model!r} {image_size}",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -923,8 +930,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                 distillation=distillation,
             )
     # A second start of this config reads its steps back traced, next to their compiles.
-    cache_dir = jax.config.jax_compilation_cache_dir
-    traced_dir = os.path.join(cache_dir, "jaxcomp_traced") if cache_dir else None
+    traced_dir = traced_steps.cache_directory()
     step = traced_steps.cached_step(step, traced_dir, "train_step", config.to_json())
     if frozen_bn_step is not None:
         frozen_bn_step = traced_steps.cached_step(
@@ -1189,38 +1195,68 @@ def _initial_state(
 ) -> TrainState:
     """The state to train from: the newest checkpoint, else a fresh (or `init_from`) state.
 
-    With `batch` (a local batch, for its shapes), the first train step is compiled
-    meanwhile: the init program compiles, or loads from the compilation cache, in a
-    background thread while this one prepares the step. XLA releases the GIL while it
-    compiles and loads, so on 2 cores the two mostly overlap.
+    A fresh state comes from the start-up cache when an earlier start of this config
+    kept it (`traced_steps.read_state`); otherwise the init program runs, and its
+    result is kept. With `batch` (a local batch, for its shapes), the first train
+    step is compiled meanwhile: the init program compiles, or loads from the
+    compilation cache, in a background thread while this one prepares the step. XLA
+    releases the GIL while it compiles and loads, so on 2 cores the two mostly overlap.
     """
     config = experiment.config
     start_variables = None
     if config.init_from and manager.latest_step() is None:
         start_variables = restore_variables(config.init_from, experiment.variables)
-    init_fn = jit_init_state(
-        experiment.model,
-        experiment.optimizer,
-        config.data.image_size,
-        experiment.mesh,
-        experiment.quant_config,
-    )
-    rng = jax.random.key(config.seed)
-    traced = init_fn.trace(rng, start_variables)
     distill_state = init_distill_state(experiment, config.seed)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        compiled_init = pool.submit(lambda: traced.lower().compile())
+    abstract_state = _abstract_train_state(experiment)
+    cache_path = None
+    if start_variables is None:
+        cache_path = traced_steps.initial_state_path(config.to_json(), abstract_state)
+    state = traced_steps.read_state(cache_path, abstract_state) if cache_path else None
+
+    def compile_first_step():
         if batch is not None:
-            abstract_state = traced.out_info.replace(
-                distill=jax.tree.map(_shape_dtype_struct, distill_state)
-            )
             experiment.compile_step_at(
                 manager.latest_step() or 0,
-                abstract_state,
+                abstract_state.replace(distill=jax.tree.map(_shape_dtype_struct, distill_state)),
                 _abstract_global_batch(batch, experiment.mesh),
             )
-        state = compiled_init.result()(rng, start_variables)
+
+    if state is not None:
+        compile_first_step()
+    else:
+        init_fn = jit_init_state(
+            experiment.model,
+            experiment.optimizer,
+            config.data.image_size,
+            experiment.mesh,
+            experiment.quant_config,
+        )
+        rng = jax.random.key(config.seed)
+        traced = init_fn.trace(rng, start_variables)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            compiled_init = pool.submit(lambda: traced.lower().compile())
+            compile_first_step()
+            state = compiled_init.result()(rng, start_variables)
+        if cache_path is not None:
+            traced_steps.write_state(cache_path, state)
     return restore_latest(manager, state.replace(distill=distill_state))
+
+
+def _abstract_train_state(experiment: Experiment) -> TrainState:
+    """The fresh TrainState's shapes, dtypes and (replicated) shardings, from the model's
+    already known variable shapes: without tracing the model's init again."""
+    create = functools.partial(
+        create_train_state,
+        experiment.model,
+        experiment.optimizer,
+        experiment.config.data.image_size,
+        quant_config=experiment.quant_config,
+    )
+    shapes = jax.eval_shape(create, jax.random.key(0), experiment.variables)
+    replicated = NamedSharding(experiment.mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), shapes
+    )
 
 
 def _shape_dtype_struct(array: jax.Array) -> jax.ShapeDtypeStruct:

@@ -174,3 +174,97 @@ def test_compile_ahead_makes_the_first_call_run_at_once(keep_traced, tmp_path, t
     traced_functions.clear()
     step(state, _TOY_BATCH)
     assert traced_functions == [] and step._cache_size() == 1
+
+
+@pytest.fixture
+def initial_state_setting(setting, tmp_path, monkeypatch):
+    """A fresh experiment, its first batch and a checkpoint manager, with the start-up cache
+    in tmp_path/cache."""
+    config, batch, fresh_state, _ = setting
+    monkeypatch.setattr(traced_steps, "cache_directory", lambda: tmp_path / "cache")
+    experiment = train.build_experiment(config)
+    local_batch = train.experiment_train_dataset(experiment)[0]
+    manager = train.checkpoint_manager(str(tmp_path / "workdir"), config.train)
+    yield experiment, local_batch, batch, manager, fresh_state
+    manager.close()
+
+
+def test_a_second_start_reads_the_initial_state_back(initial_state_setting, traced_functions):
+    experiment, local_batch, batch, manager, fresh_state = initial_state_setting
+    expected = jax.device_get(fresh_state())
+    traced_functions.clear()
+
+    # `create_train_state` is traced once for the state's shapes (`jax.eval_shape`, no
+    # model init), and once more for the init program when the state is not kept.
+    first = train._initial_state(experiment, manager, local_batch)
+    _assert_equal(first, expected)
+    assert traced_functions.count("create_train_state") == 2
+    assert len(list(traced_steps.cache_directory().glob("initial_state-*.npz"))) == 1
+
+    traced_functions.clear()
+    second = train._initial_state(experiment, manager, local_batch)
+    _assert_equal(second, expected)
+    assert traced_functions.count("create_train_state") == 1, "initialized although it was kept"
+    # The state read back has the shardings and types of the computed one: the first
+    # step's program (compiled ahead) serves both.
+    for state in (first, second):
+        experiment.train_step(state, batch)
+    assert experiment.train_step._cache_size() == 1
+
+
+def test_a_damaged_initial_state_is_computed_again(initial_state_setting, caplog):
+    experiment, local_batch, _, manager, fresh_state = initial_state_setting
+    train._initial_state(experiment, manager, None)
+    (path,) = traced_steps.cache_directory().glob("initial_state-*.npz")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    with caplog.at_level(logging.WARNING):
+        state = train._initial_state(experiment, manager, None)
+    _assert_equal(state, jax.device_get(fresh_state()))
+    assert "cannot be read" in caplog.text and path.name in caplog.text
+    _assert_equal(traced_steps.read_state(path, train._abstract_train_state(experiment)), state)
+
+
+def test_an_unwritable_cache_is_logged_and_the_run_goes_on(
+    initial_state_setting, tmp_path, monkeypatch, caplog
+):
+    experiment, local_batch, batch, manager, fresh_state = initial_state_setting
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(traced_steps, "cache_directory", lambda: tmp_path / "a_file" / "cache")
+    with caplog.at_level(logging.WARNING):
+        state = train._initial_state(experiment, manager, local_batch)
+    _assert_equal(state, jax.device_get(fresh_state()))
+    assert "going on without it" in caplog.text
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_shapes_are_computed_once_and_read_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(traced_steps, "cache_directory", lambda: tmp_path)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {
+            "params": {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 1, 8), jnp.float32)}},
+            "batch_stats": {"bn": {"mean": jax.ShapeDtypeStruct((8,), jnp.float32)}},
+        }
+
+    first = traced_steps.cached_shapes(compute, "variables", "model A")
+    assert traced_steps.cached_shapes(compute, "variables", "model A") == first
+    assert len(calls) == 1
+    traced_steps.cached_shapes(compute, "variables", "model B")
+    assert len(calls) == 2
+
+    for path in tmp_path.glob("variables-*.json"):
+        path.write_text('{"params": [1, 2, 3]}')
+    with caplog.at_level(logging.WARNING):
+        assert traced_steps.cached_shapes(compute, "variables", "model A") == first
+    assert len(calls) == 3 and "cannot be read" in caplog.text
+
+
+def test_experiments_read_their_variable_shapes_back(setting, traced_functions):
+    config = setting[0]
+    expected = train.build_experiment(config).variables
+    traced_functions.clear()
+    assert train.build_experiment(config).variables == expected
+    assert "init" not in traced_functions, "the model's init was traced again"

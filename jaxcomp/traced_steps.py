@@ -19,7 +19,10 @@ change them:
 - the arguments' (or the state's) tree structure, shapes, dtypes and shardings.
 
 They live in `jaxcomp_traced/` inside JAX's compilation cache directory (`cache_directory`).
-Single-process runs only: a multi-process run traces and initializes as usual.
+Single-process runs only: a multi-process run traces and initializes as usual. So
+does a process that registered code of its own in jaxcomp's registries (a new
+pruning score in a notebook, say): that code is not in the key, and an edit to it
+must not bring back the program traced before the edit.
 """
 
 from __future__ import annotations
@@ -47,6 +50,45 @@ def cache_directory() -> pathlib.Path | None:
     """`jaxcomp_traced/` in JAX's compilation cache directory; None when that cache is off."""
     cache_dir = jax.config.jax_compilation_cache_dir
     return pathlib.Path(cache_dir) / "jaxcomp_traced" if cache_dir else None
+
+
+def defined_in_jaxcomp(obj) -> bool:
+    """Whether `obj` (a function, class or `functools.partial` of one) is jaxcomp's own
+    code, whose bytes the keys cover."""
+    obj = getattr(obj, "func", obj)
+    return (getattr(obj, "__module__", None) or "").split(".")[0] == "jaxcomp"
+
+
+def registered_elsewhere() -> list[str]:
+    """Entries of jaxcomp's registries whose code lives outside jaxcomp, e.g.
+    ["prune.SCORES['movement']"]; while there are any, nothing is read back or kept."""
+    from jaxcomp.distill.losses import LOSSES
+    from jaxcomp.models import MODELS
+    from jaxcomp.prune.schedules import SCHEDULES
+    from jaxcomp.prune.scores import SCORES
+
+    registries = {
+        "models.MODELS": MODELS,
+        "prune.SCORES": SCORES,
+        "prune.SCHEDULES": SCHEDULES,
+        "distill.LOSSES": LOSSES,
+    }
+    return [
+        f"{registry}[{name!r}]"
+        for registry, entries in registries.items()
+        for name, entry in entries.items()
+        if not defined_in_jaxcomp(entry)
+    ]
+
+
+def _reads_back() -> bool:
+    """Whether this process may use the start-up caches (see the module docstring)."""
+    if jax.process_count() > 1:
+        return False
+    elsewhere = registered_elsewhere()
+    if elsewhere:
+        logging.info("start-up caches off: %s registered outside jaxcomp", ", ".join(elsewhere))
+    return not elsewhere
 
 
 def cached_step(step: Callable, directory: str | None, name: str, key: str) -> Callable:
@@ -90,7 +132,7 @@ class _CachedStep:
         return self._program_for(state, args)(state, *args)
 
     def _program_for(self, state, args: tuple) -> Callable:
-        if jax.process_count() > 1:
+        if not _reads_back():
             return self._step
         leaves, structure = jax.tree.flatten((state, args))
         signature = (structure, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
@@ -202,10 +244,11 @@ def initial_state_path(key: str, abstract_state) -> pathlib.Path | None:
       abstract_state: the state's `jax.ShapeDtypeStruct`s, with shardings.
 
     Returns:
-      The path, or None when the compilation cache is off or several processes run.
+      The path, or None when the compilation cache is off, several processes run or
+      code from outside jaxcomp is registered.
     """
     cache = cache_directory()
-    if cache is None or jax.process_count() > 1:
+    if cache is None or not _reads_back():
         return None
     return cache / f"initial_state-{_digest(key, abstract_state)}.npz"
 
@@ -284,10 +327,11 @@ def cached_shapes(compute: Callable[[], dict], name: str, key: str) -> dict:
       key: identifies the result, e.g. the model's repr and the input size.
 
     Returns:
-      The nested dict; computed when caches are off, or the file is missing or damaged.
+      The nested dict; computed when caches are off (as for `initial_state_path`), or
+      the file is missing or damaged.
     """
     cache = cache_directory()
-    if cache is None:
+    if cache is None or not _reads_back():
         return compute()
     path = cache / f"{name}-{_digest(key, None)}.json"
     try:

@@ -224,13 +224,13 @@ def abstract_variables(model: nn.Module, image_size: int) -> dict:
     """Shapes and dtypes of the model's variables, traced without computing anything
     (and kept for the next start: `traced_steps.cached_shapes`)."""
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
-    return traced_steps.cached_shapes(
-        lambda: jax.eval_shape(
-            functools.partial(model.init, train=False), jax.random.key(0), images
-        ),
-        "variables",
-        f"{model!r} {image_size}",
-    )
+
+    def shapes():
+        return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+
+    if not traced_steps.defined_in_jaxcomp(type(model)):
+        return shapes()  # the keys do not cover a model's code from elsewhere
+    return traced_steps.cached_shapes(shapes, "variables", f"{model!r} {image_size}")
 
 
 # ---------------------------------------------------------------------------
@@ -1203,8 +1203,9 @@ def _initial_state(
     releases the GIL while it compiles and loads, so on 2 cores the two mostly overlap.
     """
     config = experiment.config
+    latest_step = manager.latest_step()
     start_variables = None
-    if config.init_from and manager.latest_step() is None:
+    if config.init_from and latest_step is None:
         start_variables = restore_variables(config.init_from, experiment.variables)
     distill_state = init_distill_state(experiment, config.seed)
     abstract_state = _abstract_train_state(experiment)
@@ -1216,7 +1217,7 @@ def _initial_state(
     def compile_first_step():
         if batch is not None:
             experiment.compile_step_at(
-                manager.latest_step() or 0,
+                latest_step or 0,
                 abstract_state.replace(distill=jax.tree.map(_shape_dtype_struct, distill_state)),
                 _abstract_global_batch(batch, experiment.mesh),
             )

@@ -1,8 +1,9 @@
-"""`traced_steps.cached_step`: a later process reads the step back instead of tracing it."""
+"""`traced_steps`: a later process reads back its train step, initial state and shapes."""
 
 import json
 import logging
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ import optax
 import pytest
 from conftest import tiny_config_for
 
-from jaxcomp import traced_steps, train
+from jaxcomp import prune, traced_steps, train
 
 
 @pytest.fixture
@@ -268,3 +269,53 @@ def test_experiments_read_their_variable_shapes_back(setting, traced_functions):
     traced_functions.clear()
     assert train.build_experiment(config).variables == expected
     assert "init" not in traced_functions, "the model's init was traced again"
+
+
+def test_code_registered_from_elsewhere_turns_the_caches_off(tmp_path, monkeypatch):
+    """A score defined in a notebook is not in the key: an edit to it must not read back
+    the program traced before the edit, so nothing is read back or kept meanwhile."""
+
+    def movement_score(param, grad, key):
+        return -param * grad
+
+    assert traced_steps.registered_elsewhere() == []
+    monkeypatch.setitem(prune.SCORES, "movement", movement_score)
+    assert traced_steps.registered_elsewhere() == ["prune.SCORES['movement']"]
+    monkeypatch.setattr(traced_steps, "cache_directory", lambda: tmp_path)
+
+    traces = []
+    step, fresh_state = _toy_step(traces)
+    cached = traced_steps.cached_step(step, str(tmp_path), "toy", "k")
+    cached(fresh_state(), _TOY_BATCH)
+    cached(fresh_state(), _TOY_BATCH)
+    assert len(traces) == 1 and cached._step._cache_size() == 1
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh_state())
+    assert traced_steps.initial_state_path("k", abstract) is None
+    calls = []
+    for _ in range(2):
+        traced_steps.cached_shapes(lambda: calls.append(1) or {}, "variables", "k")
+    assert len(calls) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_from_elsewhere_keeps_no_shapes(tmp_path, monkeypatch):
+    class Outside(nn.Module):
+        @nn.compact
+        def __call__(self, images, train):
+            return nn.Dense(3)(images.astype(jnp.float32))
+
+    monkeypatch.setattr(traced_steps, "cache_directory", lambda: tmp_path)
+    variables = train.abstract_variables(Outside(), 8)
+    assert variables["params"]["Dense_0"]["kernel"].shape == (3, 3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_that_fails_half_way_leaves_no_file(tmp_path, caplog):
+    def write(file):
+        file.write(b"half")
+        raise OSError("No space left on device")
+
+    with caplog.at_level(logging.WARNING):
+        traced_steps._write_atomically(tmp_path / "entry.npz", write)
+    assert "No space left on device" in caplog.text
+    assert list(tmp_path.iterdir()) == []

@@ -229,14 +229,7 @@ def _step_seconds(config_file: str, cache_dir: str, workdir: str) -> list[float]
 def _command_line_environment() -> dict[str, str]:
     """This environment without the huge-pages tunable, so that the command line's own
     restart for it is timed; with --nohuge_pages, with the tunable's opt-out."""
-    tunables = [
-        item
-        for item in os.environ.get("GLIBC_TUNABLES", "").split(":")
-        if item and item.split("=")[0] != huge_pages.TUNABLE
-    ]
-    if not FLAGS.huge_pages:
-        tunables.append(f"{huge_pages.TUNABLE}=0")
-    return {**os.environ, "GLIBC_TUNABLES": ":".join(tunables)}
+    return huge_pages.with_hugetlb(os.environ, None if FLAGS.huge_pages else "0")
 
 
 def measure_startup(config_file: str) -> dict:

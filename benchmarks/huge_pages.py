@@ -78,15 +78,7 @@ def time_steps() -> dict:
 
 
 def run_child(hugetlb: str) -> dict:
-    tunables = [
-        item
-        for item in os.environ.get("GLIBC_TUNABLES", "").split(":")
-        if item and item.split("=")[0] != huge_pages.TUNABLE
-    ]
-    environ = {
-        **os.environ,
-        "GLIBC_TUNABLES": ":".join([*tunables, f"{huge_pages.TUNABLE}={hugetlb}"]),
-    }
+    environ = huge_pages.with_hugetlb(os.environ, hugetlb)
     command = [sys.executable, __file__, "--child", *sys.argv[1:]]
     result = subprocess.run(command, env=environ, capture_output=True, text=True, check=False)
     if result.returncode != 0:

@@ -55,10 +55,22 @@ def environment_with_huge_pages(
         return None
     if name != "glibc" or numeric_version < _MIN_GLIBC or thp_mode != "madvise":
         return None
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if any(item.split("=")[0] == TUNABLE for item in tunables.split(":")):
+    if any(item.split("=")[0] == TUNABLE for item in _tunables(environ)):
         return None
-    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))}
+    return with_hugetlb(environ, "1")
+
+
+def with_hugetlb(environ: Mapping[str, str], value: str | None) -> dict[str, str]:
+    """`environ` whose `GLIBC_TUNABLES` sets `glibc.malloc.hugetlb` to `value` ('1' or
+    '0'), or leaves it unset (None); other tunables are kept."""
+    tunables = [item for item in _tunables(environ) if item.split("=")[0] != TUNABLE]
+    if value is not None:
+        tunables.append(f"{TUNABLE}={value}")
+    return {**environ, "GLIBC_TUNABLES": ":".join(tunables)}
+
+
+def _tunables(environ: Mapping[str, str]) -> list[str]:
+    return [item for item in environ.get("GLIBC_TUNABLES", "").split(":") if item]
 
 
 def restart_with_huge_pages() -> None:

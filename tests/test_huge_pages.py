@@ -68,3 +68,13 @@ def test_a_command_restarts_once_with_the_tunable():
     restarts = 1 if expected else 0
     assert lines.count("start") == 1 + restarts, result.stdout
     assert lines[-2].split()[1] == str(expected["GLIBC_TUNABLES"] if expected else None)
+
+
+def test_the_tunable_is_set_cleared_or_opted_out_keeping_the_others():
+    environ = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "A": "b"}
+    assert huge_pages.with_hugetlb(environ, "0") == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0",
+        "A": "b",
+    }
+    assert huge_pages.with_hugetlb(environ, None)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+    assert huge_pages.with_hugetlb({}, "1") == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}

@@ -3,21 +3,27 @@ r"""How close the detector's train step comes to the CPU's matmul speed, and how
 Run:
   python benchmarks/efficiency.py
   python benchmarks/efficiency.py --models=centernet_student --impls=shifted --repeats=3 \
-      --nostartup
+      --process_rounds=1 --nostartup
 
-For each model and depthwise implementation it times the jitted train step (as
-`jaxcomp.train` builds it: AdamW, donated state, sharded batch) and the jitted
-inference forward pass, alternating every timed call with the others and with a
-2048x2048 float32 matmul, so that load from other processes hits all of them
-alike; medians are reported. FLOPs are counted analytically from the conv
-shapes (`jaxcomp.flops.count_flops`: 2 per multiply-add of every kernel;
-BatchNorm, activations and adds not counted) and cross-checked with XLA's
-`cost_analysis()` of the lowered, not yet optimized, forward (which also counts
-elementwise work, and for the 'shifted' implementation sees the depthwise convs
-as elementwise multiply-adds). A train step is counted as 3x the forward FLOPs
-(forward, plus input and weight gradients of the same size), the usual
-estimate. Achieved GFLOP/s is divided by the matmul's GFLOP/s measured in the
-same rounds: the share of the machine's dense-math speed the model reaches.
+For each model and depthwise implementation a child process of its own times the
+jitted train step (as `jaxcomp.train` builds it: AdamW, donated state, sharded
+batch), the jitted inference forward pass and a 2048x2048 float32 matmul,
+alternating every timed call with the others, so that load from other processes
+hits all three alike; the children run one after another, --process_rounds times.
+One model per process, as in training: alternating in one process with the
+grouped-conv step slowed the shifted one by 1.3-1.5x, its kernel CPU time per step
+doubling (student 112-135 ms alone, 166-188 ms with it, 3 pairs of processes).
+FLOPs are counted analytically from the conv shapes (`jaxcomp.flops.count_flops`:
+2 per multiply-add of every kernel; BatchNorm, activations and adds not counted)
+and cross-checked with XLA's `cost_analysis()` of the lowered, not yet optimized,
+forward (which also counts elementwise work, and for the 'shifted' implementation
+sees the depthwise convs as elementwise multiply-adds). A train step is counted as
+3x the forward FLOPs (forward, plus input and weight gradients of the same size),
+the usual estimate. The share of the matmul's speed is taken round by round (the
+step's GFLOP/s over the matmul's in the same round of the same process), and the
+median over all rounds is reported; times are medians over all rounds. Page
+faults and kernel CPU time per step show whether the huge pages took
+(`jaxcomp/huge_pages.py`).
 
 With --startup it also times the command line from launch to the end of its
 first and of its fourth train step, with one persistent compilation cache: first
@@ -31,6 +37,7 @@ Prints a markdown table and writes benchmarks/efficiency.json.
 import functools
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -42,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from common import NUM_CLASSES, alternate, median_ms, paired_ratio, seconds, synthetic_batch
+from common import NUM_CLASSES, alternate, median_ms, seconds, synthetic_batch
 
 from jaxcomp import flops, huge_pages, train
 from jaxcomp.config import default_config, load_config_file
@@ -54,7 +61,10 @@ flags.DEFINE_list("models", ["centernet_student", "centernet_teacher"], "Model v
 flags.DEFINE_list("impls", ["shifted", "grouped"], "Depthwise implementations to compare.")
 flags.DEFINE_integer("batch_size", 16, "Global batch size.")
 flags.DEFINE_integer("image_size", 128, "Input side.")
-flags.DEFINE_integer("repeats", 7, "Timed rounds (the median is reported).")
+flags.DEFINE_integer("repeats", 7, "Timed rounds per process (medians are reported).")
+flags.DEFINE_integer(
+    "process_rounds", 2, "Times each (model, implementation) gets a process of its own."
+)
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square float32 matmul used as yardstick.")
 flags.DEFINE_bool(
     "huge_pages",
@@ -66,6 +76,7 @@ flags.DEFINE_bool("startup", True, "Also time command-to-first-step, cold and wa
 flags.DEFINE_list("startup_configs", ["configs/student.py"], "Config files for --startup.")
 flags.DEFINE_integer("startup_timeout", 900, "Seconds one command may take to its 4th step.")
 flags.DEFINE_integer("startup_warm_runs", 3, "Warm-cache starts timed (the median is reported).")
+flags.DEFINE_string("child", None, "Internal: time MODEL:IMPL in this process, print JSON.")
 flags.DEFINE_string(
     "output",
     os.path.join(os.path.dirname(__file__), "efficiency.json"),
@@ -96,7 +107,11 @@ def forward_flops(model, image_size: int, batch_size: int) -> tuple[int, float]:
 
 
 def step_runner(model_name: str, impl: str) -> tuple[dict, Callable, Callable]:
-    """Compiles train step and forward; returns (facts, time one step, time one forward)."""
+    """Compiles train step and forward; returns (facts, time one step, time one forward).
+
+    Timing a step also records its minor page faults and kernel CPU seconds in
+    `facts['step_faults']` and `facts['step_kernel_seconds']`.
+    """
     config = default_config()
     model = create_model(model_name, num_classes=NUM_CLASSES, depthwise_impl=impl)
     optimizer = train.make_optimizer(config.optim, 1000)
@@ -122,14 +137,22 @@ def step_runner(model_name: str, impl: str) -> tuple[dict, Callable, Callable]:
         "forward_flops_xla": xla,
         "train_step_flops": TRAIN_STEP_FORWARDS * analytic,
         "compile_seconds": compile_seconds,
+        "temporaries_bytes": step.memory_analysis().temp_size_in_bytes,
+        "step_faults": [],
+        "step_kernel_seconds": [],
     }
     holder = [state]
 
     def run_step() -> float:
+        before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         holder[0], metrics = step(holder[0], batch)
         jax.block_until_ready(metrics)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        facts["step_faults"].append(after.ru_minflt - before.ru_minflt)
+        facts["step_kernel_seconds"].append(after.ru_stime - before.ru_stime)
+        return elapsed
 
     return facts, run_step, functools.partial(seconds, forward, variables, batch["image"])
 
@@ -140,33 +163,78 @@ def matmul_runner(size: int) -> Callable:
     return functools.partial(seconds, matmul, a, a)
 
 
-def measure_steps() -> tuple[list[dict], float]:
-    """Rows of step and forward timings, and the matmul's GFLOP/s, from alternated rounds."""
-    facts, runners = [], {}
-    for model_name in FLAGS.models:
-        for impl in FLAGS.impls:
-            row, run_step, run_forward = step_runner(model_name, impl)
-            facts.append(row)
-            runners[(model_name, impl, "step")] = run_step
-            runners[(model_name, impl, "forward")] = run_forward
-            print(f"compiled {model_name} {impl}: {row['compile_seconds']:.1f} s", flush=True)
-    runners["matmul"] = matmul_runner(FLAGS.matmul_size)
-    times = alternate(runners, FLAGS.repeats)
-    matmul_gflops = 2 * FLAGS.matmul_size**3 / np.median(times["matmul"]) / 1e9
-    for row in facts:
-        key = (row["model"], row["impl"])
-        step_times, forward_times = times[(*key, "step")], times[(*key, "forward")]
-        row["step_ms"] = median_ms(step_times)
-        row["forward_ms"] = median_ms(forward_times)
-        row["step_gflops"] = row["train_step_flops"] / np.median(step_times) / 1e9
-        row["forward_gflops"] = row["forward_flops"] / np.median(forward_times) / 1e9
-        row["step_fraction_of_matmul"] = row["step_gflops"] / matmul_gflops
-        row["forward_fraction_of_matmul"] = row["forward_gflops"] / matmul_gflops
-        if ("grouped" in FLAGS.impls) and key[1] != "grouped":
-            row["step_speedup_vs_grouped"] = paired_ratio(
-                times[(key[0], "grouped", "step")], step_times
+def time_in_this_process(model_name: str, impl: str) -> dict:
+    """One model's step, forward and the matmul, alternated for `FLAGS.repeats` rounds."""
+    facts, run_step, run_forward = step_runner(model_name, impl)
+    times = alternate(
+        {"step": run_step, "forward": run_forward, "matmul": matmul_runner(FLAGS.matmul_size)},
+        FLAGS.repeats,
+    )
+    # The untimed first call of `alternate` is not a round.
+    for key in ("step_faults", "step_kernel_seconds"):
+        facts[key] = facts[key][1:]
+    return {**facts, "times": times}
+
+
+def run_child(model_name: str, impl: str) -> dict:
+    """`time_in_this_process` in a fresh process with this one's flags and environment."""
+    command = [sys.executable, __file__, f"--child={model_name}:{impl}", *sys.argv[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One row from the processes that timed the same model and implementation."""
+    facts = {key: value for key, value in runs[0].items() if not isinstance(value, list | dict)}
+    step, forward, matmul = (
+        np.concatenate([run["times"][key] for run in runs]) for key in ("step", "forward", "matmul")
+    )
+    matmul_gflops = 2 * FLAGS.matmul_size**3 / matmul / 1e9
+    step_gflops = facts["train_step_flops"] / step / 1e9
+    forward_gflops = facts["forward_flops"] / forward / 1e9
+    return {
+        **facts,
+        "processes": len(runs),
+        "compile_seconds": float(np.median([run["compile_seconds"] for run in runs])),
+        "step_ms": median_ms(step),
+        "forward_ms": median_ms(forward),
+        "matmul_gflops": float(np.median(matmul_gflops)),
+        "step_gflops": float(np.median(step_gflops)),
+        "forward_gflops": float(np.median(forward_gflops)),
+        "step_fraction_of_matmul": float(np.median(step_gflops / matmul_gflops)),
+        "forward_fraction_of_matmul": float(np.median(forward_gflops / matmul_gflops)),
+        "step_faults": float(np.median(np.concatenate([run["step_faults"] for run in runs]))),
+        "step_kernel_ms": 1000
+        * float(np.median(np.concatenate([run["step_kernel_seconds"] for run in runs]))),
+        "step_ms_per_process": [median_ms(run["times"]["step"]) for run in runs],
+    }
+
+
+def measure_steps() -> list[dict]:
+    """Rows of step and forward timings, each (model, impl) timed in processes of its own."""
+    keys = [(model_name, impl) for model_name in FLAGS.models for impl in FLAGS.impls]
+    runs = {key: [] for key in keys}
+    for process_round in range(FLAGS.process_rounds):
+        for key in keys:
+            # One process at a time: they would compete for the cores.
+            runs[key].append(run_child(*key))
+            step_ms = median_ms(runs[key][-1]["times"]["step"])
+            print(
+                f"round {process_round + 1}, {key[0]} {key[1]}: step {step_ms:.0f} ms", flush=True
             )
-    return facts, matmul_gflops
+    rows = {key: summarize(key_runs) for key, key_runs in runs.items()}
+    for (model_name, impl), row in rows.items():
+        grouped = rows.get((model_name, "grouped"))
+        if grouped and impl != "grouped":
+            # Processes of the same round ran back to back: their ratio is a pair.
+            row["step_speedup_vs_grouped"] = float(
+                np.median(
+                    np.array(grouped["step_ms_per_process"]) / np.array(row["step_ms_per_process"])
+                )
+            )
+    return list(rows.values())
 
 
 def _step_seconds(config_file: str, cache_dir: str, workdir: str) -> list[float]:
@@ -251,6 +319,7 @@ def measure_startup(config_file: str) -> dict:
         "cold_seconds": cold[0],
         "cold_seconds_to_last_step": cold[-1],
         "warm_seconds": float(np.median(warm_first)),
+        "warm_seconds_each": list(warm_first),
         "warm_seconds_to_last_step": float(np.median(warm_last)),
         "warm_runs": len(warm),
         "timed_steps": _TIMED_STEPS,
@@ -258,25 +327,34 @@ def measure_startup(config_file: str) -> dict:
     }
 
 
-def format_table(rows: list[dict], matmul_gflops: float) -> str:
+def format_table(rows: list[dict]) -> str:
     lines = [
         "| model | depthwise | fwd GFLOP (analytic / XLA) | step ms | fwd ms | step GFLOP/s "
-        "| step % of matmul | fwd GFLOP/s | fwd % of matmul | vs grouped | compile s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| matmul GFLOP/s | step % of matmul | fwd % of matmul | vs grouped | faults / step "
+        "| kernel ms / step | temporaries MB | compile s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         speedup = row.get("step_speedup_vs_grouped")
         lines.append(
             f"| {row['model']} | {row['impl']} | {row['forward_flops'] / 1e9:.2f} / "
             f"{row['forward_flops_xla'] / 1e9:.2f} | {row['step_ms']:.0f} "
-            f"| {row['forward_ms']:.0f} | {row['step_gflops']:.1f} "
+            f"| {row['forward_ms']:.0f} | {row['step_gflops']:.1f} | {row['matmul_gflops']:.0f} "
             f"| {100 * row['step_fraction_of_matmul']:.1f}% "
-            f"| {row['forward_gflops']:.1f} | {100 * row['forward_fraction_of_matmul']:.1f}% "
-            f"| {f'{speedup:.2f}x' if speedup else '-'} | {row['compile_seconds']:.1f} |"
+            f"| {100 * row['forward_fraction_of_matmul']:.1f}% "
+            f"| {f'{speedup:.2f}x' if speedup else '-'} | {row['step_faults']:.0f} "
+            f"| {row['step_kernel_ms']:.0f} | {row['temporaries_bytes'] / 1e6:.0f} "
+            f"| {row['compile_seconds']:.1f} |"
         )
     lines.append(
-        f"\nmatmul {FLAGS.matmul_size}x{FLAGS.matmul_size} f32: {matmul_gflops:.1f} GFLOP/s; "
-        f"train step counted as {TRAIN_STEP_FORWARDS}x forward FLOPs"
+        f"\nmatmul {FLAGS.matmul_size}x{FLAGS.matmul_size} f32, timed in each model's process; "
+        f"train step counted as {TRAIN_STEP_FORWARDS}x forward FLOPs; step times per process "
+        + ", ".join(
+            f"{row['model']} {row['impl']} "
+            + "/".join(f"{ms:.0f}" for ms in row["step_ms_per_process"])
+            for row in rows
+        )
+        + " ms"
     )
     return "\n".join(lines)
 
@@ -285,13 +363,18 @@ def main(argv):
     del argv
     if FLAGS.huge_pages:
         huge_pages.restart_with_huge_pages()
-    rows, matmul_gflops = measure_steps()
+    if FLAGS.child:
+        model_name, impl = FLAGS.child.split(":")
+        print(json.dumps(time_in_this_process(model_name, impl)))
+        return
+    rows = measure_steps()
     print(
         f"\nbackend={jax.default_backend()} devices={jax.device_count()} "
         f"batch={FLAGS.batch_size} image={FLAGS.image_size} repeats={FLAGS.repeats} "
+        f"process_rounds={FLAGS.process_rounds} "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
     )
-    print(format_table(rows, matmul_gflops))
+    print(format_table(rows))
     startup = []
     if FLAGS.startup:
         startup = [measure_startup(config_file) for config_file in FLAGS.startup_configs]
@@ -306,6 +389,9 @@ def main(argv):
                 f"{entry['cold_seconds_to_last_step']:.1f} | {entry['warm_seconds']:.1f} | "
                 f"{entry['warm_seconds_to_last_step']:.1f} | {entry['cache_entries']} |"
             )
+        for entry in startup:
+            each = ", ".join(f"{seconds:.1f}" for seconds in entry["warm_seconds_each"])
+            print(f"{entry['config']}, warm starts to step 1: {each} s")
     with open(FLAGS.output, "w") as f:
         json.dump(
             {
@@ -315,7 +401,7 @@ def main(argv):
                 "batch_size": FLAGS.batch_size,
                 "image_size": FLAGS.image_size,
                 "repeats": FLAGS.repeats,
-                "matmul_gflops": matmul_gflops,
+                "process_rounds": FLAGS.process_rounds,
                 "train_step_forwards": TRAIN_STEP_FORWARDS,
                 "rows": rows,
                 "startup": startup,

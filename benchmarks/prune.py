@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from common import NUM_CLASSES, alternate, median_ms, paired_ratio, seconds, synthetic_batch
 
-from jaxcomp import compress, flops, prune, train
+from jaxcomp import compress, flops, huge_pages, prune, train
 from jaxcomp.config import default_config
 from jaxcomp.models import channel_groups, create_model
 
@@ -137,6 +137,8 @@ def shrunk_model(mesh, batch, variables) -> dict:
 
 def main(argv):
     del argv
+    # Measured as the command line trains: with huge pages for XLA's temporaries.
+    huge_pages.restart_with_huge_pages()
     mesh = train.make_mesh()
     batch = train.global_batch(
         synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, train.TRAIN_FIELDS
@@ -154,6 +156,7 @@ def main(argv):
     print(
         f"\nbackend={jax.default_backend()} model={FLAGS.model} batch={FLAGS.batch_size} "
         f"image={FLAGS.image_size} repeats={FLAGS.repeats}"
+        f" GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
     )
     print("| measurement | value |\n|---|---:|")
     print(f"| dense train step, ms (median) | {results['unmasked_step_ms']:.0f} |")

@@ -11,8 +11,8 @@ alternately so that machine noise hits both sides alike:
   training and frozen (the program QAT switches to at `quant.freeze_bn_step`);
 - inference: the fake-quant forward and the real int8 serving forward (int8 x
   int8 -> int32 convolutions) over the float forward. XLA:CPU has no fast int8
-  convolution kernels, so on CPU the int8 path is expected to be slower; it is
-  here to check numerics and to be timed on hardware with int8 units.
+  convolution kernels, so on CPU the int8 path runs depthwise layers as int32
+  shifted multiply-adds and 1x1 layers as int8 matmuls (`jaxcomp.quant.int8`).
 Prints a table and writes benchmarks/quant.json.
 """
 
@@ -24,7 +24,7 @@ import jax
 from absl import app, flags
 from common import NUM_CLASSES, alternate, median_ms, paired_ratio, seconds, synthetic_batch
 
-from jaxcomp import compress, quant, train
+from jaxcomp import compress, huge_pages, quant, train
 from jaxcomp.config import load_config_file
 from jaxcomp.models import create_model
 
@@ -40,6 +40,8 @@ flags.DEFINE_string(
 
 def main(argv):
     del argv
+    # Measured as the command line trains: with huge pages for XLA's temporaries.
+    huge_pages.restart_with_huge_pages()
     mesh = train.make_mesh()
     batch = train.global_batch(
         synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, train.TRAIN_FIELDS
@@ -124,6 +126,7 @@ def main(argv):
     print(
         f"\nbackend={jax.default_backend()} model={FLAGS.model} batch={FLAGS.batch_size} "
         f"image={FLAGS.image_size} repeats={FLAGS.repeats}"
+        f" GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
     )
     print("| measurement | ms (median) | over float |\n|---|---:|---:|")
     print(f"| float train step | {results['float_step_ms']:.0f} | 1.00 |")

@@ -1,7 +1,10 @@
 """Shared by the benchmark scripts (run as `python benchmarks/<script>.py`, so importable)."""
 
+import json
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
@@ -54,3 +57,19 @@ def median_ms(values: list[float]) -> float:
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     """The median over rounds of numerator / denominator."""
     return float(np.median(np.array(numerator) / np.array(denominator)))
+
+
+def run_json_child(script: str, flag: str, environ: Mapping[str, str] | None = None) -> dict:
+    """Runs `script` in a fresh Python process with `flag` and this process's flags, and
+    returns the JSON object its last line of output holds.
+
+    Args:
+      script: the benchmark script's path (its `__file__`).
+      flag: the flag that makes it measure in that process, e.g. '--child'.
+      environ: the child's environment; None inherits this one's.
+    """
+    command = [sys.executable, script, flag, *sys.argv[1:]]
+    result = subprocess.run(command, env=environ, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -49,7 +49,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from common import NUM_CLASSES, alternate, median_ms, seconds, synthetic_batch
+from common import (
+    NUM_CLASSES,
+    alternate,
+    median_ms,
+    run_json_child,
+    seconds,
+    synthetic_batch,
+)
 
 from jaxcomp import flops, huge_pages, train
 from jaxcomp.config import default_config, load_config_file
@@ -176,15 +183,6 @@ def time_in_this_process(model_name: str, impl: str) -> dict:
     return {**facts, "times": times}
 
 
-def run_child(model_name: str, impl: str) -> dict:
-    """`time_in_this_process` in a fresh process with this one's flags and environment."""
-    command = [sys.executable, __file__, f"--child={model_name}:{impl}", *sys.argv[1:]]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def summarize(runs: list[dict]) -> dict:
     """One row from the processes that timed the same model and implementation."""
     facts = {key: value for key, value in runs[0].items() if not isinstance(value, list | dict)}
@@ -219,7 +217,7 @@ def measure_steps() -> list[dict]:
     for process_round in range(FLAGS.process_rounds):
         for key in keys:
             # One process at a time: they would compete for the cores.
-            runs[key].append(run_child(*key))
+            runs[key].append(run_json_child(__file__, f"--child={key[0]}:{key[1]}"))
             step_ms = median_ms(runs[key][-1]["times"]["step"])
             print(
                 f"round {process_round + 1}, {key[0]} {key[1]}: step {step_ms:.0f} ms", flush=True

@@ -16,14 +16,12 @@ Prints a markdown table and writes benchmarks/huge_pages.json.
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
-from common import NUM_CLASSES, paired_ratio, synthetic_batch
+from common import NUM_CLASSES, paired_ratio, run_json_child, synthetic_batch
 
 from jaxcomp import huge_pages, train
 from jaxcomp.config import default_config
@@ -77,15 +75,6 @@ def time_steps() -> dict:
     }
 
 
-def run_child(hugetlb: str) -> dict:
-    environ = huge_pages.with_hugetlb(os.environ, hugetlb)
-    command = [sys.executable, __file__, "--child", *sys.argv[1:]]
-    result = subprocess.run(command, env=environ, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main(argv):
     del argv
     if FLAGS.child:
@@ -94,7 +83,9 @@ def main(argv):
     runs = {mode: [] for mode in _MODES}
     for _ in range(FLAGS.pairs):
         for mode, hugetlb in _MODES.items():
-            runs[mode].append(run_child(hugetlb))
+            runs[mode].append(
+                run_json_child(__file__, "--child", huge_pages.with_hugetlb(os.environ, hugetlb))
+            )
     print(
         f"\n{FLAGS.model}, batch {FLAGS.batch_size} at {FLAGS.image_size}, {FLAGS.steps} steps "
         f"per process, {FLAGS.pairs} alternated pairs; THP mode "

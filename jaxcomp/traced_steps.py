@@ -85,10 +85,16 @@ def _reads_back() -> bool:
     """Whether this process may use the start-up caches (see the module docstring)."""
     if jax.process_count() > 1:
         return False
-    elsewhere = registered_elsewhere()
+    elsewhere = tuple(registered_elsewhere())
     if elsewhere:
-        logging.info("start-up caches off: %s registered outside jaxcomp", ", ".join(elsewhere))
+        _log_caches_off(elsewhere)
     return not elsewhere
+
+
+@functools.cache
+def _log_caches_off(elsewhere: tuple[str, ...]) -> None:
+    # Once per set of entries: a cached step asks before every call.
+    logging.info("start-up caches off: %s registered outside jaxcomp", ", ".join(elsewhere))
 
 
 def cached_step(step: Callable, directory: str | None, name: str, key: str) -> Callable:

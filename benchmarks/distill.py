@@ -21,8 +21,9 @@ from absl import app, flags
 from common import NUM_CLASSES, alternate, median_ms, paired_ratio, seconds, synthetic_batch
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxcomp import compress, distill, huge_pages, train
+from jaxcomp import distill, huge_pages, training
 from jaxcomp.config import load_config_file
+from jaxcomp.detection import distill as detection_distill
 from jaxcomp.models import create_model
 
 FLAGS = flags.FLAGS
@@ -40,52 +41,57 @@ def main(argv):
     del argv
     # Measured as the command line trains: with huge pages for XLA's temporaries.
     huge_pages.restart_with_huge_pages()
-    mesh = train.make_mesh()
-    batch = train.global_batch(
-        synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, train.TRAIN_FIELDS
+    mesh = training.make_mesh()
+    batch = training.global_batch(
+        synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, training.TRAIN_FIELDS
     )
     config = load_config_file(
         os.path.join(os.path.dirname(__file__), "..", "configs", "distill.py")
     )
     student = create_model(FLAGS.student, num_classes=NUM_CLASSES)
     teacher = create_model(FLAGS.teacher, num_classes=NUM_CLASSES)
-    optimizer = train.make_optimizer(config.optim, 1000)
+    optimizer = training.make_optimizer(config.optim, 1000)
     loss_weights = dict(config.loss)
     # Random teacher weights: the cost does not depend on what the teacher learned.
-    teacher_state = train.init_state(teacher, optimizer, FLAGS.image_size, 1, mesh)
+    teacher_state = training.init_state(teacher, optimizer, FLAGS.image_size, 1, mesh)
     teacher_variables = {"params": teacher_state.params, "batch_stats": teacher_state.batch_stats}
-    distillation = train.Distillation(
-        teacher=teacher,
-        spec=compress.make_distill_spec(config),
-        feature_layer=config.distill.feature_layer,
-        adapter_features=(student.neck_features, teacher.neck_features),
-        adapter_optimizer=optimizer,
+    spec = detection_distill.spec_of(config)
+    # The same method a run of configs/distill.py builds, with this random teacher.
+    method = distill.distillation(
+        teacher.apply,
+        lambda: teacher_variables,
+        lambda *outputs: detection_distill.distillation_loss(*outputs[:3], spec, *outputs[3:]),
+        inputs=lambda batch: (batch["image"],),
+        layers=spec.layers,
+        adapters={layer: (student.neck_features, teacher.neck_features) for layer in spec.layers},
     )
-    adapter = distill.init_adapter(jax.random.key(2), *distillation.adapter_features)
+    methods = {"plain": (), "distill": (("distill", method),)}
     states = {
-        name: train.init_state(student, optimizer, FLAGS.image_size, 0, mesh)
-        for name in ("plain", "distill")
-    }
-    # Placed on the mesh as `train.init_distill_state` does in a real run.
-    states["distill"] = states["distill"].replace(
-        distill=jax.device_put(
-            {"adapter": adapter, "opt_state": optimizer.init(adapter)},
-            NamedSharding(mesh, PartitionSpec()),
+        name: training.init_state(
+            student,
+            optimizer,
+            FLAGS.image_size,
+            0,
+            mesh,
+            methods=methods[name],
+            method_optimizer=optimizer,
         )
-    )
-    steps = {
-        "plain": train.jit_train_step(student, optimizer, loss_weights, mesh),
-        "distill": train.jit_train_step(
-            student, optimizer, loss_weights, mesh, distillation=distillation
-        ),
+        for name in methods
     }
-    extra_args = {"plain": (), "distill": (teacher_variables,)}
+    steps = {
+        name: training.jit_train_step(
+            student, optimizer, loss_weights, mesh, methods[name], method_optimizer=optimizer
+        )
+        for name in methods
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+    constants = {"plain": {}, "distill": {"distill": jax.device_put(teacher_variables, replicated)}}
     teacher_forward = jax.jit(lambda v, x: teacher.apply(v, x, train=False))
 
     def step_runner(name):
         def run():
             start = time.perf_counter()
-            states[name], metrics = steps[name](states[name], batch, *extra_args[name])
+            states[name], metrics = steps[name](states[name], batch, constants[name])
             jax.block_until_ready(metrics)
             return time.perf_counter() - start
 

@@ -58,7 +58,7 @@ from common import (
     synthetic_batch,
 )
 
-from jaxcomp import flops, huge_pages, train
+from jaxcomp import flops, huge_pages, training
 from jaxcomp.config import default_config, load_config_file
 from jaxcomp.data import pipeline
 from jaxcomp.models import create_model
@@ -121,15 +121,15 @@ def step_runner(model_name: str, impl: str) -> tuple[dict, Callable, Callable]:
     """
     config = default_config()
     model = create_model(model_name, num_classes=NUM_CLASSES, depthwise_impl=impl)
-    optimizer = train.make_optimizer(config.optim, 1000)
-    mesh = train.make_mesh()
-    state = train.init_state(model, optimizer, FLAGS.image_size, 0, mesh)
-    batch = train.global_batch(
-        synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, train.TRAIN_FIELDS
+    optimizer = training.make_optimizer(config.optim, 1000)
+    mesh = training.make_mesh()
+    state = training.init_state(model, optimizer, FLAGS.image_size, 0, mesh)
+    batch = training.global_batch(
+        synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, training.TRAIN_FIELDS
     )
     start = time.perf_counter()
-    step = train.jit_train_step(model, optimizer, dict(config.loss), mesh)
-    step = step.lower(state, batch).compile()
+    step = training.jit_train_step(model, optimizer, dict(config.loss), mesh)
+    step = step.lower(state, batch, {}).compile()
     compile_seconds = time.perf_counter() - start
     forward = jax.jit(functools.partial(model.apply, train=False))
     # A copy: the train step donates (and so deletes) the state's buffers.
@@ -153,7 +153,7 @@ def step_runner(model_name: str, impl: str) -> tuple[dict, Callable, Callable]:
     def run_step() -> float:
         before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
-        holder[0], metrics = step(holder[0], batch)
+        holder[0], metrics = step(holder[0], batch, {})
         jax.block_until_ready(metrics)
         elapsed = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_SELF)

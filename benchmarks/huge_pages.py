@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from common import NUM_CLASSES, paired_ratio, run_json_child, synthetic_batch
 
-from jaxcomp import huge_pages, train
+from jaxcomp import huge_pages, training
 from jaxcomp.config import default_config
 from jaxcomp.models import create_model
 
@@ -47,14 +47,14 @@ def time_steps() -> dict:
     """Per-step figures of `FLAGS.steps` back-to-back train steps in this process."""
     config = default_config()
     model = create_model(FLAGS.model, num_classes=NUM_CLASSES, depthwise_impl="auto")
-    optimizer = train.make_optimizer(config.optim, 1000)
-    mesh = train.make_mesh()
-    state = train.init_state(model, optimizer, FLAGS.image_size, 0, mesh)
-    batch = train.global_batch(
-        synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, train.TRAIN_FIELDS
+    optimizer = training.make_optimizer(config.optim, 1000)
+    mesh = training.make_mesh()
+    state = training.init_state(model, optimizer, FLAGS.image_size, 0, mesh)
+    batch = training.global_batch(
+        synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, training.TRAIN_FIELDS
     )
-    step = train.jit_train_step(model, optimizer, dict(config.loss), mesh)
-    compiled = step.lower(state, batch).compile()
+    step = training.jit_train_step(model, optimizer, dict(config.loss), mesh)
+    compiled = step.lower(state, batch, {}).compile()
     for _ in range(3):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)

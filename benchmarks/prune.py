@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from common import NUM_CLASSES, alternate, median_ms, paired_ratio, seconds, synthetic_batch
 
-from jaxcomp import compress, flops, huge_pages, prune, train
+from jaxcomp import flops, huge_pages, methods, prune, training
 from jaxcomp.config import default_config
 from jaxcomp.models import channel_groups, create_model
 
@@ -44,13 +44,13 @@ flags.DEFINE_string(
 def _step_runner(model, optimizer, mesh, batch, variables=None):
     """A closure that runs one train step on its own state and returns the seconds."""
     config = default_config()
-    state = train.init_state(model, optimizer, FLAGS.image_size, 0, mesh, variables)
-    step = train.jit_train_step(model, optimizer, dict(config.loss), mesh)
+    state = training.init_state(model, optimizer, FLAGS.image_size, 0, mesh, variables)
+    step = training.jit_train_step(model, optimizer, dict(config.loss), mesh)
     holder = {"state": state}
 
     def run() -> float:
         start = time.perf_counter()
-        holder["state"], metrics = step(holder["state"], batch)
+        holder["state"], metrics = step(holder["state"], batch, {})
         jax.block_until_ready(metrics)
         return time.perf_counter() - start
 
@@ -59,7 +59,7 @@ def _step_runner(model, optimizer, mesh, batch, variables=None):
 
 def masked_step_overhead(mesh, batch) -> dict:
     model = create_model(FLAGS.model, num_classes=NUM_CLASSES)
-    dense_optimizer = train.make_optimizer(default_config().optim, 1000)
+    dense_optimizer = training.make_optimizer(default_config().optim, 1000)
     schedule = prune.polynomial_schedule(FLAGS.sparsity, 0, 1000, 100)
     masked_optimizer = prune.pruned_optimizer(
         dense_optimizer, prune.make_pruner(FLAGS.sparsity, schedule)
@@ -96,7 +96,7 @@ def shrunk_model(mesh, batch, variables) -> dict:
     masks = prune.channel_group_masks(
         variables["params"],
         prune.subtree_groups(groups, "params/"),
-        compress.default_prune_rules("channel", FLAGS.channel_fraction, list(groups)),
+        methods.default_prune_rules("channel", FLAGS.channel_fraction, list(groups)),
     )
     masked = {**variables, "params": prune.apply_masks(variables["params"], masks)}
     keep = prune.channel_keep_indices(masked, groups)
@@ -104,7 +104,7 @@ def shrunk_model(mesh, batch, variables) -> dict:
     small_model = create_model(
         FLAGS.model, num_classes=NUM_CLASSES, channels=prune.group_widths(keep)
     )
-    optimizer = train.make_optimizer(default_config().optim, 1000)
+    optimizer = training.make_optimizer(default_config().optim, 1000)
     models = {"dense": (dense_model, variables), "shrunk": (small_model, small_variables)}
     runners = {
         f"{name}_step": _step_runner(model, optimizer, mesh, batch, model_variables)
@@ -139,13 +139,13 @@ def main(argv):
     del argv
     # Measured as the command line trains: with huge pages for XLA's temporaries.
     huge_pages.restart_with_huge_pages()
-    mesh = train.make_mesh()
-    batch = train.global_batch(
-        synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, train.TRAIN_FIELDS
+    mesh = training.make_mesh()
+    batch = training.global_batch(
+        synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, training.TRAIN_FIELDS
     )
     model = create_model(FLAGS.model, num_classes=NUM_CLASSES)
-    optimizer = train.make_optimizer(default_config().optim, 1000)
-    state = train.init_state(model, optimizer, FLAGS.image_size, 0, mesh)
+    optimizer = training.make_optimizer(default_config().optim, 1000)
+    state = training.init_state(model, optimizer, FLAGS.image_size, 0, mesh)
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
 
     results = {

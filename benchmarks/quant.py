@@ -24,7 +24,7 @@ import jax
 from absl import app, flags
 from common import NUM_CLASSES, alternate, median_ms, paired_ratio, seconds, synthetic_batch
 
-from jaxcomp import compress, huge_pages, quant, train
+from jaxcomp import huge_pages, methods, quant, training
 from jaxcomp.config import load_config_file
 from jaxcomp.models import create_model
 
@@ -42,31 +42,31 @@ def main(argv):
     del argv
     # Measured as the command line trains: with huge pages for XLA's temporaries.
     huge_pages.restart_with_huge_pages()
-    mesh = train.make_mesh()
-    batch = train.global_batch(
-        synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, train.TRAIN_FIELDS
+    mesh = training.make_mesh()
+    batch = training.global_batch(
+        synthetic_batch(FLAGS.batch_size, FLAGS.image_size), mesh, training.TRAIN_FIELDS
     )
     # The QAT recipe of configs/qat_int8.py (observers, bits, rules), on synthetic batches.
     config = load_config_file(
         os.path.join(os.path.dirname(__file__), "..", "configs", "qat_int8.py")
     )
-    quant_config = compress.make_quant_config(config)
+    quant_config = quant.quant_config_of(config.quant, methods.default_quant_rules())
     model = create_model(FLAGS.model, num_classes=NUM_CLASSES)
-    optimizer = train.make_optimizer(config.optim, 1000)
+    optimizer = training.make_optimizer(config.optim, 1000)
     loss_weights = dict(config.loss)
+    qat = (("quant", quant.qat(model, FLAGS.image_size, quant_config)),)
 
     states, steps = {}, {}
-    for name, qc, batch_norm_trains in (
-        ("float", None, True),
-        ("qat", quant_config, True),
-        ("qat_frozen_bn", quant_config, False),
+    for name, method, phase in (
+        ("float", (), ()),
+        ("qat", qat, (None,)),
+        ("qat_frozen_bn", qat, (quant.FROZEN_BATCH_NORM,)),
     ):
-        states[name] = train.init_state(
-            model, optimizer, FLAGS.image_size, 0, mesh, quant_config=qc
+        states[name] = training.init_state(
+            model, optimizer, FLAGS.image_size, 0, mesh, methods=method
         )
-        steps[name] = train.jit_train_step(
-            model, optimizer, loss_weights, mesh, qc, batch_norm_trains
-        )
+        compiled = training.jit_train_step(model, optimizer, loss_weights, mesh, method, phase)
+        steps[name] = lambda state, batch, compiled=compiled: compiled(state, batch, {})
 
     def step_runner(name):
         def run():
@@ -81,9 +81,8 @@ def main(argv):
 
     state = states["qat"]
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    int8_tree = quant.convert_to_int8(
-        state.params, state.batch_stats, state.quant_stats, quant_config
-    )
+    observers = state.methods["quant"][quant.QUANT_STATS]
+    int8_tree = quant.convert_to_int8(state.params, state.batch_stats, observers, quant_config)
     images = batch["image"]
     forwards = {
         "float": jax.jit(lambda v, x: model.apply(v, x, train=False)),
@@ -98,7 +97,7 @@ def main(argv):
     }
     forward_args = {
         "float": variables,
-        "fake_quant": {**variables, quant.QUANT_STATS: state.quant_stats},
+        "fake_quant": {**variables, quant.QUANT_STATS: observers},
         "int8": int8_tree,
     }
     forward_times = alternate(

@@ -7,7 +7,7 @@ Other sparsities: `--config=configs/prune_magnitude.py:0.9`; global ranking:
 
 Zhu & Gupta's polynomial schedule raises the sparsity of every conv kernel (not the
 first conv, the heatmap's last conv or the 3x3 depthwise kernels: see
-`jaxcomp.compress.default_prune_rules`) from 0 to the target over the first 600 of
+`jaxcomp.methods.default_prune_rules`) from 0 to the target over the first 600 of
 1000 steps, updating the masks every 50 steps; the last 400 steps fine-tune with
 the masks fixed. The run ends with mAP, per-layer sparsity, FLOPs and bytes on disk
 (dense vs bitmask + values) in `compression.json`.

@@ -10,25 +10,28 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "compress",
+    "config",
     "data",
     "detection",
     "distill",
     "evaluation",
     "flops",
     "huge_pages",
+    "methods",
     "models",
     "paths",
     "prune",
     "quant",
     "report",
-    "train",
+    "training",
+    "transforms",
     "visualize",
 )
 _NAMES = {
-    "TrainState": "train",
-    "build_experiment": "train",
-    "train_and_evaluate": "train",
+    "Transform": "transforms",
+    "TrainState": "training",
+    "build_experiment": "training",
+    "train_and_evaluate": "training",
     "coco_metrics": "evaluation",
     "format_metrics_table": "evaluation",
     "create_model": "models",

@@ -76,14 +76,16 @@ def default_config() -> ml_collections.ConfigDict:
     config.loss.offset_weight = 1.0
 
     config.prune = ml_collections.ConfigDict()
-    # 'none', 'unstructured', 'nm' (N:M along input channels) or 'channel' (+ shrinking).
+    # 'none' or a key of jaxcomp.prune.METHODS: 'unstructured', 'nm' (N:M along input
+    # channels) or 'channel' (+ shrinking).
     config.prune.method = "none"
     # Final sparsity; for 'channel' the fraction of each selected group's channels removed.
     config.prune.sparsity = 0.8
     # [(regex, sparsity or None), ...] over leaf names (group names for 'channel'); None
-    # picks the detector defaults (`jaxcomp.compress.default_prune_rules`).
+    # picks the detector defaults (`jaxcomp.methods.default_prune_rules`).
     config.prune.rules = config_dict.placeholder(tuple)
-    # A key of jaxcomp.prune.SCORES: 'magnitude', 'random', 'saliency' or one registered there.
+    # A key of jaxcomp.prune.SCORES: 'magnitude', 'random', 'saliency', 'movement' (the
+    # accumulated -w * g of movement pruning) or one registered there.
     config.prune.score = "magnitude"
     config.prune.scope = "layer"  # 'layer' or 'global' ranking
     config.prune.schedule = "polynomial"  # 'one_shot', 'iterative', 'polynomial'
@@ -97,8 +99,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.prune.norm = "l1"  # channel score: 'l1' or 'l2' norm of each filter
 
     config.quant = ml_collections.ConfigDict()
-    # 'none'; 'ptq': calibrate activation ranges over config.train.steps batches, no
-    # gradient steps; 'qat': fine-tune with fake-quantized weights and activations.
+    # 'none' or a key of jaxcomp.quant.QUANT_MODES: 'ptq': calibrate activation ranges
+    # over config.train.steps batches, no gradient steps; 'qat': fine-tune with
+    # fake-quantized weights and activations (observed ranges); 'lsq': the same with
+    # learned step sizes (Esser et al. 2020).
     config.quant.mode = "none"
     config.quant.weight_bits = 8  # symmetric per output channel, [-127, 127]
     config.quant.activation_bits = 8  # per tensor
@@ -110,7 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.quant.freeze_observers_step = config_dict.placeholder(int)
     config.quant.freeze_bn_step = config_dict.placeholder(int)
     # [(regex over layer paths, True or None), ...]; None picks the detector defaults
-    # (`jaxcomp.compress.default_quant_rules`: first conv and heatmap output stay float).
+    # (`jaxcomp.methods.default_quant_rules`: first conv and heatmap output stay float).
     config.quant.rules = config_dict.placeholder(tuple)
 
     config.distill = ml_collections.ConfigDict()
@@ -132,7 +136,13 @@ def default_config() -> ml_collections.ConfigDict:
     config.distill.feature_loss = "pkd"  # 'pkd' or 'cwd'
     config.distill.feature_weight = 1.0
     config.distill.feature_temperature = 1.0  # of 'cwd'
-    config.distill.feature_layer = "neck"  # module whose output is compared (1x1 adapter)
+    # ((module path, weight), ...): feature maps compared, each through a 1x1 adapter
+    # when the widths differ; e.g. (("backbone/block_6", 0.5), ("neck", 1.0)).
+    config.distill.feature_layers = (("neck", 1.0),)
+
+    # The compression methods, in the order they compose: names of
+    # jaxcomp.methods.METHODS, each built from its own section (off when that says so).
+    config.methods = ("prune", "quant", "distill")
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 32
@@ -169,8 +179,15 @@ def _is_number(value) -> bool:
 def _check_known_fields(
     config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str = "config"
 ) -> None:
-    """Raises for a field `default_config()` does not have: a typo would silently do nothing."""
+    """Raises for a field `default_config()` does not have: a typo would silently do nothing.
+
+    A top-level section named in `config.methods` is a method's own options (a method
+    registered outside jaxcomp reads them), so it is not checked.
+    """
+    methods = config.get("methods", ()) if prefix == "config" else ()
     for name, value in config.items():
+        if name in methods and name not in reference:
+            continue
         if name not in reference:
             close = difflib.get_close_matches(name, list(reference.keys()), n=1)
             hint = f"; did you mean {prefix}.{close[0]}?" if close else ""
@@ -256,13 +273,14 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         _require(
             _is_number(weight) and weight >= 0, f"config.loss.{name} must be >= 0, got {weight}"
         )
+    _validate_methods(config)
     _validate_prune(config)
     _validate_quant(config)
     _validate_distill(config)
 
 
 def _validate_distill(config: ml_collections.ConfigDict) -> None:
-    from jaxcomp.compress import make_distill_spec
+    from jaxcomp.distill import LOSSES
 
     settings = config.distill
     if not settings.teacher:
@@ -277,26 +295,44 @@ def _validate_distill(config: ml_collections.ConfigDict) -> None:
         "config.quant.mode='ptq' takes no gradient steps, so there is nothing to distil; "
         "set config.distill.teacher='' or use config.quant.mode='qat'",
     )
-    try:
-        make_distill_spec(config)
-    except ValueError as error:
-        raise ValueError(f"invalid config: config.distill: {error}") from None
+    for field in ("heatmap_loss", "regression_loss", "feature_loss"):
+        _require(
+            settings[field] in LOSSES,
+            f"config.distill.{field}={settings[field]!r}; use one of {sorted(LOSSES)} (or "
+            "register a loss in jaxcomp.distill.LOSSES)",
+        )
+    _require(
+        all(isinstance(pair, tuple | list) and len(pair) == 2 for pair in settings.feature_layers),
+        f"config.distill.feature_layers={settings.feature_layers!r} must be ((module path, "
+        "weight), ...), e.g. (('neck', 1.0),)",
+    )
 
 
-_PRUNE_CHOICES = {
-    "method": ("none", "unstructured", "nm", "channel"),
-    "scope": ("layer", "global"),
-    "schedule": ("one_shot", "iterative", "polynomial"),
-    "norm": ("l1", "l2"),
-}
+def _validate_methods(config: ml_collections.ConfigDict) -> None:
+    from jaxcomp.methods import METHODS  # read when validating: methods registered later count
+
+    names = config.methods
+    _require(
+        isinstance(names, tuple | list) and all(isinstance(name, str) for name in names),
+        f"config.methods must be a tuple of method names, got {names!r}",
+    )
+    for name in names:
+        _require(
+            name in METHODS,
+            f"config.methods names {name!r}; use names of {sorted(METHODS)} (or register a "
+            "builder in jaxcomp.methods.METHODS)",
+        )
+    repeated = sorted({name for name in names if list(names).count(name) > 1})
+    _require(not repeated, f"config.methods names {repeated} more than once")
 
 
 def _validate_quant(config: ml_collections.ConfigDict) -> None:
+    from jaxcomp.quant import OBSERVERS
+    from jaxcomp.quant.transform import QUANT_MODES
+
     quant = config.quant
-    _require(
-        quant.mode in ("none", "ptq", "qat"),
-        f"config.quant.mode={quant.mode!r}; use one of ('none', 'ptq', 'qat')",
-    )
+    modes = ("none", *QUANT_MODES)
+    _require(quant.mode in modes, f"config.quant.mode={quant.mode!r}; use one of {modes}")
     if quant.mode == "none":
         return
     for field in ("weight_bits", "activation_bits"):
@@ -306,8 +342,8 @@ def _validate_quant(config: ml_collections.ConfigDict) -> None:
             f"config.quant.{field} must be an integer in [2, 8], got {bits!r}",
         )
     _require(
-        quant.observer in ("minmax", "ema"),
-        f"config.quant.observer={quant.observer!r}; use 'minmax' or 'ema'",
+        quant.observer in OBSERVERS,
+        f"config.quant.observer={quant.observer!r}; use one of {tuple(OBSERVERS)}",
     )
     for field in ("freeze_observers_step", "freeze_bn_step"):
         step = quant[field]
@@ -324,7 +360,8 @@ def _validate_quant(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_prune(config: ml_collections.ConfigDict) -> None:
-    from jaxcomp.prune import SCORES  # read when validating: scores registered later count
+    # Read when validating: scores and schedules registered later count.
+    from jaxcomp.prune import METHODS, NORMS, SCHEDULES, SCOPES, SCORES
 
     prune = config.prune
     _require(
@@ -332,10 +369,16 @@ def _validate_prune(config: ml_collections.ConfigDict) -> None:
         f"config.prune.score={prune.score!r}; use one of {tuple(SCORES)} (or register a new "
         "one in jaxcomp.prune.SCORES)",
     )
-    for field, choices in _PRUNE_CHOICES.items():
+    choices = {
+        "method": ("none", *METHODS),
+        "scope": SCOPES,
+        "schedule": tuple(SCHEDULES),
+        "norm": NORMS,
+    }
+    for field, valid in choices.items():
         _require(
-            prune[field] in choices,
-            f"config.prune.{field}={prune[field]!r}; use one of {choices}",
+            prune[field] in valid,
+            f"config.prune.{field}={prune[field]!r}; use one of {tuple(valid)}",
         )
     if prune.method == "none":
         return

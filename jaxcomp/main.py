@@ -91,7 +91,7 @@ def main(argv):
     # compete with this process's start-up.
     import jax
 
-    from jaxcomp import train
+    from jaxcomp import training
     from jaxcomp.evaluation import format_metrics_table
 
     if len(argv) > 1:
@@ -102,7 +102,7 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         # orbax and TFDS log every save and read at INFO; `--verbosity=0` brings them back.
         logging.set_verbosity(logging.WARNING)
-    train.enable_compilation_cache(FLAGS.compilation_cache_dir)
+    training.enable_compilation_cache(FLAGS.compilation_cache_dir)
     if FLAGS.distributed:
         # Must come before anything touches a device: the backend is created knowing its peers.
         jax.distributed.initialize(
@@ -116,7 +116,7 @@ def main(argv):
         jax.process_index(),
         jax.process_count(),
     )
-    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() != 0:
         return
     if result["preempted"]:

@@ -121,3 +121,39 @@ def resolve_rules(tree: Any, rules: Rules, *, on_unmatched: str = "error") -> An
         warnings.warn(message, stacklevel=2)
     treedef = jax.tree_util.tree_structure(tree)
     return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Nests `{'a/b': x}` into `{'a': {'b': x}}`: per-layer values kept under the layer's
+    path, as checkpoints want (no '/' inside a key).
+
+    Example:
+      >>> nest({"head/conv": 1, "neck": 2})
+      {'head': {'conv': 1}, 'neck': 2}
+    """
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, last = name.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return tree
+
+
+def lookup(tree: Mapping[str, Any], name: str) -> Any:
+    """The value at '/'-separated `name` in nested dicts `tree` (the inverse of `nest`).
+
+    Raises:
+      KeyError: naming `name` when it is not there.
+
+    Example:
+      >>> lookup({"head": {"conv": 1}}, "head/conv")
+      1
+    """
+    node: Any = tree
+    for key in name.split("/"):
+        if not isinstance(node, Mapping) or key not in node:
+            raise KeyError(f"{name!r} is not in this tree")
+        node = node[key]
+    return node

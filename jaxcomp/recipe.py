@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from jaxcomp import report, train
+from jaxcomp import report, training
 from jaxcomp.config import load_config_file
 
 FLAGS = flags.FLAGS
@@ -174,7 +174,7 @@ def run_recipe(
         config = stage_config(config_file, stage, workdir, init_from, teacher)
         print(f"== {stage}: {config.model.name}, {config.train.steps} steps ==", flush=True)
         run_dir = os.path.join(workdir, stage)
-        result = train.train_and_evaluate(config, run_dir)
+        result = training.train_and_evaluate(config, run_dir)
         if result["preempted"]:
             print("Stopped; run the same command again to resume.", flush=True)
             break
@@ -232,7 +232,7 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and TFDS are chatty at INFO
-    train.enable_compilation_cache(FLAGS.compilation_cache_dir)
+    training.enable_compilation_cache(FLAGS.compilation_cache_dir)
     rows = run_recipe(FLAGS.config, FLAGS.workdir, FLAGS.stages, FLAGS.results_dir)
     if jax.process_index() != 0 or not rows:
         return

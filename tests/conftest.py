@@ -5,7 +5,7 @@ import os
 import jax
 import pytest
 
-from jaxcomp import train
+from jaxcomp import training
 from jaxcomp.config import default_config
 from jaxcomp.data.embedded import prepare_embedded
 
@@ -72,10 +72,10 @@ def save_initial_checkpoint():
     """
 
     def save(config, workdir, seed):
-        experiment = train.build_experiment(config)
-        state = train.init_state(experiment.model, experiment.optimizer, 64, seed, experiment.mesh)
-        with train.checkpoint_manager(str(workdir), config.train) as manager:
-            train.save_checkpoint(manager, state)
+        experiment = training.build_experiment(config)
+        state = experiment.init_state(seed=seed)
+        with training.checkpoint_manager(str(workdir), config.train) as manager:
+            training.save_checkpoint(manager, state)
         return jax.device_get(state)
 
     return save

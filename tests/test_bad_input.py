@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from absl import app
 
-from jaxcomp import main, paths, prune, quant, train
+from jaxcomp import main, paths, prune, quant, training
 from jaxcomp.config import default_config, validate_config
 from jaxcomp.data import pipeline
 from jaxcomp.models import create_model
@@ -856,7 +856,7 @@ def test_bad_example_is_handled_and_counted(case):
 
 @functools.cache
 def _abstract_variables(model_name: str, num_classes: int) -> dict:
-    return train.abstract_variables(create_model(model_name, num_classes=num_classes), SIZE)
+    return training.abstract_variables(create_model(model_name, num_classes=num_classes), SIZE)
 
 
 def _zeros(tree: Any) -> Any:
@@ -864,7 +864,7 @@ def _zeros(tree: Any) -> Any:
 
 
 def _write_checkpoint(workdir, items: dict) -> None:
-    """An orbax checkpoint laid out as `train.save_checkpoint` writes it."""
+    """An orbax checkpoint laid out as `training.save_checkpoint` writes it."""
     with ocp.CheckpointManager(
         workdir / "checkpoints", options=ocp.CheckpointManagerOptions(create=True)
     ) as manager:
@@ -877,7 +877,9 @@ def _tiny_variables(num_classes: int = NUM_CLASSES) -> dict:
 
 
 def _restore_tiny(workdir, num_classes: int = NUM_CLASSES) -> dict:
-    return train.restore_variables(str(workdir), _abstract_variables("centernet_tiny", num_classes))
+    return training.restore_variables(
+        str(workdir), _abstract_variables("centernet_tiny", num_classes)
+    )
 
 
 def _missing_dir(tmp_path):
@@ -891,7 +893,7 @@ def _empty_dir(tmp_path):
 
 def _other_model(tmp_path):
     _write_checkpoint(tmp_path, _tiny_variables())
-    return train.restore_variables(
+    return training.restore_variables(
         str(tmp_path), _abstract_variables("centernet_student", NUM_CLASSES)
     )
 
@@ -909,20 +911,20 @@ def _no_batch_stats(tmp_path):
 def _resume_other_model(tmp_path):
     """Resuming a workdir after config.model.name changed."""
     config = default_config()
-    optimizer = train.make_optimizer(config.optim, 10)
+    optimizer = training.make_optimizer(config.optim, 10)
 
     def state(model_name):
         model = create_model(model_name, num_classes=NUM_CLASSES)
         abstract = jax.eval_shape(
-            functools.partial(train.create_train_state, model, optimizer, SIZE),
+            functools.partial(training.create_train_state, model, optimizer, SIZE),
             jax.random.key(0),
         )
         return jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), abstract)
 
-    with train.checkpoint_manager(str(tmp_path), config.train) as manager:
-        train.save_checkpoint(manager, state("centernet_tiny"))
-    with train.checkpoint_manager(str(tmp_path), config.train) as manager:
-        return train.restore_latest(manager, state("centernet_student"))
+    with training.checkpoint_manager(str(tmp_path), config.train) as manager:
+        training.save_checkpoint(manager, state("centernet_tiny"))
+    with training.checkpoint_manager(str(tmp_path), config.train) as manager:
+        return training.restore_latest(manager, state("centernet_student"))
 
 
 CHECKPOINT_CASES = [

@@ -1,4 +1,4 @@
-"""`train.enable_compilation_cache` makes a second process reuse the first one's compiles.
+"""`training.enable_compilation_cache` makes a second process reuse the first one's compiles.
 
 Each process is a fresh Python interpreter (the in-memory caches of this one
 would hide the persistent cache), and reports JAX's own cache events through
@@ -12,7 +12,7 @@ import sys
 
 import jax
 
-from jaxcomp import train
+from jaxcomp import training
 
 _HIT = "/jax/compilation_cache/cache_hits"
 _MISS = "/jax/compilation_cache/cache_misses"
@@ -21,11 +21,11 @@ _PROCESS = """
 import json, sys
 import jax
 import jax.numpy as jnp
-from jaxcomp import train
+from jaxcomp import training
 
 events = []
 jax.monitoring.register_event_listener(lambda event, **kwargs: events.append(event))
-train.enable_compilation_cache(sys.argv[1])
+training.enable_compilation_cache(sys.argv[1])
 threshold = jax.config.jax_persistent_cache_min_compile_time_secs
 # This function compiles in milliseconds, below the threshold that keeps trivial
 # programs out of the cache, so the threshold is lowered for it.
@@ -71,6 +71,6 @@ def test_second_process_hits_the_cache_the_first_one_filled(tmp_path):
 
 def test_empty_cache_dir_leaves_the_configuration_alone():
     before = jax.config.jax_compilation_cache_dir
-    train.enable_compilation_cache("")
-    train.enable_compilation_cache(None)
+    training.enable_compilation_cache("")
+    training.enable_compilation_cache(None)
     assert jax.config.jax_compilation_cache_dir == before

@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxcomp import compress, paths, prune, train
+from jaxcomp import methods, paths, prune, training
 from jaxcomp.config import validate_config
 from jaxcomp.models import create_model
 
@@ -24,24 +24,24 @@ def _prune_config(config, method, sparsity=0.5):
 
 
 def _first_batches(experiment, count):
-    dataset = train.experiment_train_dataset(experiment)
+    dataset = training.experiment_train_dataset(experiment)
     return [dataset[step] for step in range(count)]
 
 
 def _restore_final_state(config, workdir):
-    experiment = train.build_experiment(config)
-    template = train.init_state(experiment.model, experiment.optimizer, 64, 1, experiment.mesh)
-    manager = train.checkpoint_manager(str(workdir), config.train)
+    experiment = training.build_experiment(config)
+    template = experiment.init_state(seed=1)
+    manager = training.checkpoint_manager(str(workdir), config.train)
     return experiment, manager, template
 
 
 def test_gradual_pruning_run_keeps_exact_masks_in_the_checkpoint(tiny_config, tmp_path):
     config = _prune_config(tiny_config, "unstructured")
-    result = train.train_and_evaluate(config, str(tmp_path))
+    result = training.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 6 and result["metrics"] is not None
 
     experiment, manager, template = _restore_final_state(config, tmp_path)
-    rules = compress.default_prune_rules("unstructured", 0.5, paths.leaf_names(template.params))
+    rules = methods.default_prune_rules("unstructured", 0.5, paths.leaf_names(template.params))
     targets = dict(
         zip(
             paths.leaf_names(template.params),
@@ -53,7 +53,7 @@ def test_gradual_pruning_run_keeps_exact_masks_in_the_checkpoint(tiny_config, tm
     )
     masks_by_step = {}
     for step in manager.all_steps():
-        state = jax.device_get(train.restore_checkpoint(manager, step, template))
+        state = jax.device_get(training.restore_checkpoint(manager, step, template))
         masks_by_step[step] = dict(
             zip(
                 paths.leaf_names(state.params),
@@ -99,7 +99,7 @@ def test_gradual_pruning_run_keeps_exact_masks_in_the_checkpoint(tiny_config, tm
 @pytest.mark.slow
 def test_channel_pruning_run_exports_a_smaller_model_with_equal_outputs(tiny_config, tmp_path):
     config = _prune_config(tiny_config, "channel")
-    result = train.train_and_evaluate(config, str(tmp_path))
+    result = training.train_and_evaluate(config, str(tmp_path))
     model_row, shrunk_row = result["compression"]["model"], result["compression"]["shrunk"]
     assert shrunk_row["parameters"] < model_row["parameters"]
     assert shrunk_row["flops"] < model_row["flops"]
@@ -125,11 +125,9 @@ def test_init_from_starts_from_another_runs_parameters(
     tiny_config, tmp_path, save_initial_checkpoint
 ):
     saved = save_initial_checkpoint(tiny_config, tmp_path / "dense", seed=7)
-    experiment = train.build_experiment(tiny_config)
-    variables = train.restore_variables(str(tmp_path / "dense"), experiment.variables)
-    state = train.init_state(
-        experiment.model, experiment.optimizer, 64, 0, experiment.mesh, variables
-    )
+    experiment = training.build_experiment(tiny_config)
+    variables = training.restore_variables(str(tmp_path / "dense"), experiment.variables)
+    state = experiment.init_state(variables)
     for expected, actual in zip(
         jax.tree.leaves((saved.params, saved.batch_stats)),
         jax.tree.leaves((state.params, state.batch_stats)),
@@ -138,11 +136,11 @@ def test_init_from_starts_from_another_runs_parameters(
         np.testing.assert_array_equal(actual, expected)
 
     with pytest.raises(FileNotFoundError, match="holds no checkpoint.*init_from=''"):
-        train.restore_variables(str(tmp_path / "missing"), experiment.variables)
+        training.restore_variables(str(tmp_path / "missing"), experiment.variables)
     tiny_config.model.channels = (("heatmap/hidden", 8),)
-    smaller = train.build_experiment(tiny_config)
+    smaller = training.build_experiment(tiny_config)
     with pytest.raises(ValueError, match="does not fit config.model.name.*heatmap"):
-        train.restore_variables(str(tmp_path / "dense"), smaller.variables)
+        training.restore_variables(str(tmp_path / "dense"), smaller.variables)
 
 
 @pytest.mark.parametrize(
@@ -168,24 +166,24 @@ def test_rules_that_match_nothing_fail_before_training(tiny_config, tmp_path):
     tiny_config.prune.method = "unstructured"
     tiny_config.prune.rules = ((r"backbone/blok_\d+/.*kernel", 0.5),)
     with pytest.raises(ValueError, match="matched no leaf"):
-        train.train_and_evaluate(tiny_config, str(tmp_path))
+        training.train_and_evaluate(tiny_config, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_nm_pruning_step_compiles_once_and_keeps_the_pattern(tiny_config):
     config = _prune_config(tiny_config, "nm")
     config.prune.schedule = "one_shot"
-    experiment = train.build_experiment(config)
-    state = train.init_state(experiment.model, experiment.optimizer, 64, 0, experiment.mesh)
+    experiment = training.build_experiment(config)
+    state = experiment.init_state(seed=0)
     batches = [
-        train.global_batch(batch, experiment.mesh, train.TRAIN_FIELDS)
+        training.global_batch(batch, experiment.mesh, training.TRAIN_FIELDS)
         for batch in _first_batches(experiment, 3)
     ]
     for batch in batches:  # the first step computes the masks, the others only apply them
-        state, _ = experiment.train_step(state, batch)
-    assert experiment.train_step._cache_size() == 1, "the pruning train step re-compiled"
+        state, _ = experiment.train_step_at(0)(state, batch)
+    assert experiment.jitted_train_step(0)._cache_size() == 1, "the pruning train step re-compiled"
     params = jax.device_get(state.params)
-    rules = dict(compress.default_prune_rules("nm", 0.5, paths.leaf_names(params)))
+    rules = dict(methods.default_prune_rules("nm", 0.5, paths.leaf_names(params)))
     checked = 0
     for name, kernel in zip(paths.leaf_names(params), jax.tree.leaves(params), strict=True):
         if not name.endswith("kernel") or "depthwise" in name or "_dw/" in name or name in rules:

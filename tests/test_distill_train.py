@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcomp import train
+from jaxcomp import training
 from jaxcomp.config import validate_config
 
 # The teacher's heads are narrower than the student's, so a feature term on a head's
@@ -25,7 +25,7 @@ def _distill_config(config, teacher_workdir):
     config.distill.teacher_model = "centernet_tiny"
     config.distill.teacher_channels = TEACHER_CHANNELS
     config.distill.temperature = 2.0
-    config.distill.feature_layer = "heatmap/conv"
+    config.distill.feature_layers = (("heatmap/conv", 1.0),)
     config.distill.feature_loss = "pkd"
     return config
 
@@ -34,19 +34,18 @@ def test_distillation_step_trains_student_and_adapter_leaves_teacher_alone(
     tiny_config, teacher_workdir
 ):
     config = _distill_config(tiny_config, teacher_workdir)
-    experiment = train.build_experiment(config)
-    assert experiment.distillation.adapter_features == (16, 8)
-    state = train.init_state(experiment.model, experiment.optimizer, 64, 0, experiment.mesh)
-    state = state.replace(distill=train.init_distill_state(experiment, config.seed))
-    teacher_before = jax.device_get(experiment.teacher_variables)
-    adapter_before = jax.device_get(state.distill["adapter"])
-    dataset = train.experiment_train_dataset(experiment)
+    experiment = training.build_experiment(config)
+    state = experiment.init_state(seed=0)
+    adapter_before = jax.device_get(state.method_params["distill"]["heatmap"]["conv"])
+    assert adapter_before["kernel"].shape == (16, 8), "a 1x1 adapter maps 16 to 8 channels"
+    teacher_before = jax.device_get(experiment.constants["distill"])
+    dataset = training.experiment_train_dataset(experiment)
     losses = []
     for step in range(3):
-        batch = train.global_batch(dataset[step], experiment.mesh, train.TRAIN_FIELDS)
+        batch = training.global_batch(dataset[step], experiment.mesh, training.TRAIN_FIELDS)
         state, metrics = experiment.train_step_at(step)(state, batch)
         losses.append(jax.device_get(metrics))
-    assert experiment.train_step._cache_size() == 1, "the distillation step re-compiled"
+    assert experiment.jitted_train_step(0)._cache_size() == 1, "the distillation step re-compiled"
     for name in ("distill_heatmap", "distill_size", "distill_offset", "distill_feature"):
         assert np.isfinite(losses[-1][name]) and losses[-1][name] > 0, name
     np.testing.assert_allclose(
@@ -60,11 +59,11 @@ def test_distillation_step_trains_student_and_adapter_leaves_teacher_alone(
     )
     for before, after in zip(
         jax.tree.leaves(teacher_before),
-        jax.tree.leaves(jax.device_get(experiment.teacher_variables)),
+        jax.tree.leaves(jax.device_get(experiment.constants["distill"])),
         strict=True,
     ):
         np.testing.assert_array_equal(before, after)
-    adapter_after = jax.device_get(state.distill["adapter"])
+    adapter_after = jax.device_get(state.method_params["distill"]["heatmap"]["conv"])
     assert not np.array_equal(adapter_before["kernel"], adapter_after["kernel"])
 
 
@@ -72,7 +71,7 @@ def test_missing_teacher_is_an_error_before_any_file_is_written(tiny_config, tmp
     config = _distill_config(tiny_config, str(tmp_path / "no_teacher"))
     workdir = tmp_path / "student"
     with pytest.raises(FileNotFoundError, match="config.distill.teacher=.*holds no checkpoint"):
-        train.train_and_evaluate(config, str(workdir))
+        training.train_and_evaluate(config, str(workdir))
     assert not workdir.exists()
 
 
@@ -85,7 +84,7 @@ def test_teacher_of_another_dataset_names_the_head_and_shapes(
     config = _distill_config(tiny_config, str(tmp_path / "teacher"))
     config.distill.teacher_channels = ()  # what the teacher was trained with differs
     with pytest.raises(ValueError, match=r"heatmap/conv/kernel: \(1, 1, 16, 8\) != .*16\)"):
-        train.build_experiment(config)
+        training.build_experiment(config)
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxcomp import train
+from jaxcomp import training
 from jaxcomp.config import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,18 +169,20 @@ def runs(tmp_path_factory, tiny_data_dir):
 def _restored_state(config_path: str, workdir, step: int | None = None):
     """What a single-process run of the config restores from `workdir` (default: the latest)."""
     config = load_config_file(config_path)
-    experiment = train.build_experiment(config)
+    experiment = training.build_experiment(config)
     abstract = jax.eval_shape(
-        functools.partial(train.create_train_state, experiment.model, experiment.optimizer, SIZE),
+        functools.partial(
+            training.create_train_state, experiment.model, experiment.optimizer, SIZE
+        ),
         jax.random.key(0),
     )
     replicated = NamedSharding(experiment.mesh, PartitionSpec())
     template = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), abstract
     )
-    with train.checkpoint_manager(str(workdir), config.train) as manager:
+    with training.checkpoint_manager(str(workdir), config.train) as manager:
         step = manager.latest_step() if step is None else step
-        return jax.device_get(train.restore_checkpoint(manager, step, template))
+        return jax.device_get(training.restore_checkpoint(manager, step, template))
 
 
 def test_two_processes_train_like_one_and_resume_across_topologies(runs):
@@ -222,9 +224,9 @@ def test_two_processes_train_like_one_and_resume_across_topologies(runs):
 
 def test_init_from_restores_a_checkpoint_of_another_topology(runs):
     config = load_config_file(runs["config"])
-    expected = train.build_experiment(config).variables
+    expected = training.build_experiment(config).variables
     for name in ("one", "two"):
-        variables = train.restore_variables(str(runs[name]), expected)
+        variables = training.restore_variables(str(runs[name]), expected)
         resumed = _restored_state(runs["config"], runs[name])
         for key in ("params", "batch_stats"):
             leaves = zip(

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcomp import paths, prune, train
+from jaxcomp import paths, prune, training
 from jaxcomp.config import default_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +64,7 @@ def _compressed_fields(teacher_workdir: str) -> dict:
         "distill.teacher_model": "centernet_tiny",
         "distill.teacher_channels": TEACHER_CHANNELS,
         "distill.temperature": 2.0,
-        "distill.feature_layer": "heatmap/conv",
+        "distill.feature_layers": "(('heatmap/conv', 1.0),)",
     }
 
 
@@ -147,28 +147,27 @@ def _wait_for(process, condition, what: str, log, timeout: float = 600.0) -> Non
 
 
 def _template(config):
-    experiment = train.build_experiment(config)
-    state = train.init_state(
-        experiment.model,
-        experiment.optimizer,
-        config.data.image_size,
-        1,
-        experiment.mesh,
-        quant_config=experiment.quant_config,
-    )
-    return state.replace(distill=train.init_distill_state(experiment, 1))
+    return training.build_experiment(config).init_state(seed=1)
 
 
 def _final_state(config, workdir, template):
-    with train.checkpoint_manager(str(workdir), config.train) as manager:
+    with training.checkpoint_manager(str(workdir), config.train) as manager:
         assert manager.latest_step() == config.train.steps
-        return jax.device_get(train.restore_checkpoint(manager, config.train.steps, template))
+        return jax.device_get(training.restore_checkpoint(manager, config.train.steps, template))
 
 
 def _max_abs_difference(a, b) -> dict[str, float]:
     """Per field of the TrainState, the max |a - b| over all of its leaves."""
     differences = {}
-    for field in ("step", "params", "batch_stats", "opt_state", "quant_stats", "distill"):
+    for field in (
+        "step",
+        "params",
+        "batch_stats",
+        "opt_state",
+        "methods",
+        "method_params",
+        "method_opt_state",
+    ):
         leaves_a, leaves_b = jax.tree.leaves(getattr(a, field)), jax.tree.leaves(getattr(b, field))
         assert len(leaves_a) == len(leaves_b), field
         differences[field] = max(
@@ -185,10 +184,10 @@ def _max_abs_difference(a, b) -> dict[str, float]:
 def teacher_workdir(tiny_data_dir, tmp_path_factory):
     config = _config({**_tiny_fields(tiny_data_dir), "model.channels": TEACHER_CHANNELS})
     workdir = tmp_path_factory.mktemp("teacher")
-    experiment = train.build_experiment(config)
-    state = train.init_state(experiment.model, experiment.optimizer, 64, 7, experiment.mesh)
-    with train.checkpoint_manager(str(workdir), config.train) as manager:
-        train.save_checkpoint(manager, state)
+    experiment = training.build_experiment(config)
+    state = experiment.init_state(seed=7)
+    with training.checkpoint_manager(str(workdir), config.train) as manager:
+        training.save_checkpoint(manager, state)
     return str(workdir)
 
 
@@ -198,7 +197,7 @@ def plain_reference(tiny_data_dir, tmp_path_factory):
     fields = _tiny_fields(tiny_data_dir)
     config = _config(fields)
     workdir = tmp_path_factory.mktemp("plain_reference")
-    assert train.train_and_evaluate(config, str(workdir))["step"] == STEPS
+    assert training.train_and_evaluate(config, str(workdir))["step"] == STEPS
     return fields, _final_state(config, workdir, _template(config))
 
 
@@ -248,13 +247,14 @@ def test_sigkill_of_pruned_qat_distilled_run_then_resume_is_exact(
 ):
     fields = {**_tiny_fields(tiny_data_dir), **_compressed_fields(teacher_workdir)}
     config = _config(fields)
-    assert train.train_and_evaluate(config, str(tmp_path / "reference"))["step"] == STEPS
+    assert training.train_and_evaluate(config, str(tmp_path / "reference"))["step"] == STEPS
     reference = _final_state(config, tmp_path / "reference", _template(config))
     # Every part of the state a resume must bring back is there to compare.
     masks = jax.tree.leaves(prune.masks_of(reference.opt_state))
     assert masks and not all(np.all(mask) for mask in masks), "no weight was pruned"
-    assert jax.tree.leaves(reference.quant_stats) and "adapter" in reference.distill
-    assert any(name.endswith("count") for name in paths.leaf_names(reference.quant_stats))
+    observers = reference.methods["quant"]["quant_stats"]
+    assert jax.tree.leaves(observers) and jax.tree.leaves(reference.method_params["distill"])
+    assert any(name.endswith("count") for name in paths.leaf_names(observers))
     differences = _kill_and_resume(fields, reference, tmp_path, compilation_cache, seed=1)
     assert differences == dict.fromkeys(differences, 0.0)
 
@@ -310,13 +310,13 @@ def saved_steps(tiny_data_dir, tmp_path_factory):
     template = _template(config)
     workdir = tmp_path_factory.mktemp("saved_steps")
     states = {}
-    with train.checkpoint_manager(str(workdir), config.train) as manager:
+    with training.checkpoint_manager(str(workdir), config.train) as manager:
         for step in (2, 4, 6):
             states[step] = template.replace(
                 step=template.step + step,
                 params=jax.tree.map(lambda leaf, s=step: leaf + s, template.params),
             )
-            train.save_checkpoint(manager, states[step])
+            training.save_checkpoint(manager, states[step])
     return config, str(workdir), jax.device_get(states), template
 
 
@@ -371,13 +371,13 @@ def test_damaged_newest_step_falls_back_with_warning_and_keeps_good_steps(
     DAMAGES[damage](checkpoints / "6")
     with (
         caplog.at_level(logging.WARNING),
-        train.checkpoint_manager(str(workdir), config.train) as manager,
+        training.checkpoint_manager(str(workdir), config.train) as manager,
     ):
-        restored = train.restore_latest(manager, template)
+        restored = training.restore_latest(manager, template)
         _assert_restored(restored, states[4])
         assert manager.all_steps() == [2, 4]
         # The step's next save is not refused as "already exists".
-        train.save_checkpoint(manager, restored.replace(step=restored.step + 2))
+        training.save_checkpoint(manager, restored.replace(step=restored.step + 2))
         manager.wait_until_finished()
         assert manager.all_steps() == [2, 4, 6]
     # Names the bad step, why, where it went and the step used; logged and printed.
@@ -396,10 +396,10 @@ def test_save_interrupted_by_a_crash_is_reported_and_redone(damaged_copy, capsys
     _truncate_array_file(checkpoints / "6")
     os.remove(checkpoints / "6" / "commit_success.txt")
     os.rename(checkpoints / "6", checkpoints / "6.orbax-checkpoint-tmp")
-    with train.checkpoint_manager(str(workdir), config.train) as manager:
-        restored = train.restore_latest(manager, template)
+    with training.checkpoint_manager(str(workdir), config.train) as manager:
+        restored = training.restore_latest(manager, template)
         _assert_restored(restored, states[4])
-        train.save_checkpoint(manager, restored.replace(step=restored.step + 2))
+        training.save_checkpoint(manager, restored.replace(step=restored.step + 2))
         manager.wait_until_finished()
         assert manager.all_steps() == [2, 4, 6]
     output = capsys.readouterr().out
@@ -413,13 +413,13 @@ def test_no_readable_step_is_an_error_naming_the_directory_and_moves_nothing(dam
     for step in (2, 4, 6):
         _remove_array_files(checkpoints / str(step))
     with (
-        train.checkpoint_manager(str(workdir), config.train) as manager,
+        training.checkpoint_manager(str(workdir), config.train) as manager,
         pytest.raises(
             RuntimeError,
             match=rf"no checkpoint in {re.escape(str(checkpoints))} can be restored: step 6: ",
         ),
     ):
-        train.restore_latest(manager, template)
+        training.restore_latest(manager, template)
     assert sorted(os.listdir(checkpoints)) == ["2", "4", "6"]
 
 
@@ -430,7 +430,7 @@ def test_run_resumes_past_a_damaged_step_and_saves_it_again(saved_steps, tmp_pat
     config, workdir, _, _ = saved_steps
     shutil.copytree(workdir, tmp_path / "run")
     _truncate_array_file(tmp_path / "run" / "checkpoints" / "6")
-    result = train.train_and_evaluate(config, str(tmp_path / "run"), stop_at=6)
+    result = training.train_and_evaluate(config, str(tmp_path / "run"), stop_at=6)
     assert result["step"] == 6 and result["preempted"]
     assert _finalized_steps(tmp_path / "run") == [2, 4, 6]
     assert len(glob.glob(str(tmp_path / "run" / "checkpoints" / "6.unreadable-*"))) == 1
@@ -463,16 +463,16 @@ def test_workdir_under_a_file_is_refused_before_any_compile(saved_steps, tmp_pat
     (tmp_path / "file").write_text("not a directory")
     workdir = tmp_path / "file" / "run"
     with pytest.raises(NotADirectoryError, match=r"cannot create workdir '.*file/run': .*file is"):
-        train.train_and_evaluate(config, str(workdir))
+        training.train_and_evaluate(config, str(workdir))
     assert compiles == []
 
 
 def test_full_disk_is_refused_before_any_compile(saved_steps, tmp_path, compiles, monkeypatch):
     # Simulated: the real free space of tmp_path is below a minimum set above it.
-    monkeypatch.setattr(train, "MIN_FREE_BYTES", 2**62)
+    monkeypatch.setattr(training.checkpoints, "MIN_FREE_BYTES", 2**62)
     workdir = tmp_path / "run"
     with pytest.raises(OSError, match=r"the disk of workdir '.*run' is full: .* MiB free") as error:
-        train.train_and_evaluate(saved_steps[0], str(workdir))
+        training.train_and_evaluate(saved_steps[0], str(workdir))
     assert error.value.errno == 28  # ENOSPC
     assert compiles == [] and not workdir.exists()
 
@@ -482,4 +482,4 @@ def test_read_only_parent_is_refused(tmp_path):
     parent = tmp_path / "read_only"
     parent.mkdir(mode=0o500)
     with pytest.raises(PermissionError, match=r"cannot write to workdir .*read_only.* not writ"):
-        train.check_workdir(str(parent / "run"))
+        training.check_workdir(str(parent / "run"))

@@ -4,23 +4,20 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcomp import paths, prune, quant, train
+from jaxcomp import methods, paths, prune, quant, training
 from jaxcomp.config import validate_config
 
 
 def _restore(config, workdir, step=None):
-    experiment = train.build_experiment(config)
-    template = train.init_state(
-        experiment.model,
-        experiment.optimizer,
-        64,
-        1,
-        experiment.mesh,
-        quant_config=experiment.quant_config,
-    )
-    manager = train.checkpoint_manager(str(workdir), config.train)
+    experiment = training.build_experiment(config)
+    template = experiment.init_state(seed=1)
+    manager = training.checkpoint_manager(str(workdir), config.train)
     step = manager.latest_step() if step is None else step
-    return experiment, jax.device_get(train.restore_checkpoint(manager, step, template))
+    return experiment, jax.device_get(training.restore_checkpoint(manager, step, template))
+
+
+def _observers(state):
+    return state.methods["quant"][quant.QUANT_STATS]
 
 
 def test_pruned_qat_run_keeps_zeros_through_quantization_and_serves_int8(tiny_config, tmp_path):
@@ -32,7 +29,7 @@ def test_pruned_qat_run_keeps_zeros_through_quantization_and_serves_int8(tiny_co
     config.quant.observer = "ema"
     config.quant.freeze_observers_step = 4
     config.quant.freeze_bn_step = 4
-    result = train.train_and_evaluate(config, str(tmp_path))
+    result = training.train_and_evaluate(config, str(tmp_path))
     summary = result["compression"]
     assert set(summary) >= {"model", "int8"}
     # The int8 serving path decodes the same detections as fake quant, to within 0.2 AP.
@@ -45,19 +42,19 @@ def test_pruned_qat_run_keeps_zeros_through_quantization_and_serves_int8(tiny_co
     counts = {
         name: int(leaf)
         for name, leaf in zip(
-            paths.leaf_names(final.quant_stats), jax.tree.leaves(final.quant_stats), strict=True
+            paths.leaf_names(_observers(final)), jax.tree.leaves(_observers(final)), strict=True
         )
         if name.endswith("count")
     }
     assert counts and set(counts.values()) == {4}, "observers must stop at step 4"
     # From step 4 on, observers and BatchNorm statistics are frozen; the weights still train.
-    for frozen in ("quant_stats", "batch_stats"):
+    for frozen in (_observers, lambda state: state.batch_stats):
         for before, after in zip(
-            jax.tree.leaves(getattr(at_4, frozen)),
-            jax.tree.leaves(getattr(final, frozen)),
+            jax.tree.leaves(frozen(at_4)),
+            jax.tree.leaves(frozen(final)),
             strict=True,
         ):
-            np.testing.assert_array_equal(before, after, err_msg=frozen)
+            np.testing.assert_array_equal(before, after)
     assert any(
         not np.array_equal(before, after)
         for before, after in zip(
@@ -66,7 +63,8 @@ def test_pruned_qat_run_keeps_zeros_through_quantization_and_serves_int8(tiny_co
     )
 
     masks = prune.masks_of(final.opt_state)
-    quantized = quant.quantize_weights(final.params, final.batch_stats, experiment.quant_config)
+    quant_config = quant.quant_config_of(config.quant, methods.default_quant_rules())
+    quantized = quant.quantize_weights(final.params, final.batch_stats, quant_config)
     for name, mask, weight in zip(
         paths.leaf_names(final.params),
         jax.tree.leaves(masks),
@@ -86,11 +84,11 @@ def test_ptq_calibrates_without_changing_the_weights(
     config.quant.mode = "ptq"
     config.train.steps = 3
     config.optim.warmup_steps = 0
-    result = train.train_and_evaluate(config, str(tmp_path / "ptq"))
+    result = training.train_and_evaluate(config, str(tmp_path / "ptq"))
     assert "int8" in result["compression"]
 
     experiment, calibrated = _restore(config, tmp_path / "ptq")
-    float_variables = train.restore_variables(str(tmp_path / "float"), experiment.variables)
+    float_variables = training.restore_variables(str(tmp_path / "float"), experiment.variables)
     for expected, actual in zip(
         jax.tree.leaves(float_variables),
         jax.tree.leaves({"batch_stats": calibrated.batch_stats, "params": calibrated.params}),
@@ -100,8 +98,8 @@ def test_ptq_calibrates_without_changing_the_weights(
     counts = {
         int(leaf)
         for name, leaf in zip(
-            paths.leaf_names(calibrated.quant_stats),
-            jax.tree.leaves(calibrated.quant_stats),
+            paths.leaf_names(_observers(calibrated)),
+            jax.tree.leaves(_observers(calibrated)),
             strict=True,
         )
         if name.endswith("count")

@@ -27,7 +27,7 @@ def get_config(stage):
     # A narrower teacher head, so the feature term needs the 1x1 adapter.
     config.distill.teacher_model = "centernet_tiny"
     config.distill.teacher_channels = (("heatmap/hidden", 8),)
-    config.distill.feature_layer = "heatmap/conv"
+    config.distill.feature_layers = (("heatmap/conv", 1.0),)
     config.train.steps = 2
     config.train.batch_size = 4
     config.train.log_every = 1

@@ -11,29 +11,29 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcomp import train
+from jaxcomp import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _first_batches(experiment, count):
-    dataset = train.experiment_train_dataset(experiment)
+    dataset = training.experiment_train_dataset(experiment)
     return [dataset[step] for step in range(count)]
 
 
 def test_train_step_learns_and_compiles_once(tiny_config):
     tiny_config.optim.learning_rate = 1e-2
-    experiment = train.build_experiment(tiny_config)
-    state = train.init_state(experiment.model, experiment.optimizer, 64, 0, experiment.mesh)
-    batch = train.global_batch(
-        _first_batches(experiment, 1)[0], experiment.mesh, train.TRAIN_FIELDS
+    experiment = training.build_experiment(tiny_config)
+    state = experiment.init_state(seed=0)
+    batch = training.global_batch(
+        _first_batches(experiment, 1)[0], experiment.mesh, training.TRAIN_FIELDS
     )
     initial_params = jax.device_get(state.params)
     losses = []
     for _ in range(4):  # the same batch: the loss must go down
-        state, metrics = experiment.train_step(state, batch)
+        state, metrics = experiment.train_step_at(0)(state, batch)
         losses.append(float(metrics["total"]))
-    assert experiment.train_step._cache_size() == 1, "the train step re-compiled"
+    assert experiment.jitted_train_step(0)._cache_size() == 1, "the train step re-compiled"
     assert int(state.step) == 4
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     changed = jax.tree.map(
@@ -43,21 +43,21 @@ def test_train_step_learns_and_compiles_once(tiny_config):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_config, tmp_path):
-    full = train.train_and_evaluate(tiny_config, str(tmp_path / "full"))
+    full = training.train_and_evaluate(tiny_config, str(tmp_path / "full"))
     assert not full["preempted"] and full["step"] == 6
     assert full["images_per_second"] > 0 and full["first_step_seconds"] > 0
-    stopped = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"), stop_at=3)
+    stopped = training.train_and_evaluate(tiny_config, str(tmp_path / "resumed"), stop_at=3)
     assert stopped["preempted"] and stopped["step"] == 3
-    resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    resumed = training.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
     assert resumed["step"] == 6
 
-    experiment = train.build_experiment(tiny_config)
-    template = train.init_state(experiment.model, experiment.optimizer, 64, 1, experiment.mesh)
+    experiment = training.build_experiment(tiny_config)
+    template = experiment.init_state(seed=1)
 
     def final_state(workdir):
-        manager = train.checkpoint_manager(str(workdir), tiny_config.train)
+        manager = training.checkpoint_manager(str(workdir), tiny_config.train)
         assert manager.latest_step() == 6
-        return jax.device_get(train.restore_latest(manager, template))
+        return jax.device_get(training.restore_latest(manager, template))
 
     for expected, actual in zip(
         jax.tree.leaves(final_state(tmp_path / "full")),
@@ -76,32 +76,32 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoint(tiny_config, 
     tiny_config.optim.learning_rate = 1e30
     tiny_config.optim.grad_clip_norm = 1e30
     tiny_config.train.steps = 8
-    with pytest.raises(train.NonFiniteLossError, match=r"at step \d+.*last good checkpoint"):
-        train.train_and_evaluate(tiny_config, str(tmp_path))
-    manager = train.checkpoint_manager(str(tmp_path), tiny_config.train)
+    with pytest.raises(training.NonFiniteLossError, match=r"at step \d+.*last good checkpoint"):
+        training.train_and_evaluate(tiny_config, str(tmp_path))
+    manager = training.checkpoint_manager(str(tmp_path), tiny_config.train)
     for step in manager.all_steps():
-        experiment = train.build_experiment(tiny_config)
-        template = train.init_state(experiment.model, experiment.optimizer, 64, 0, experiment.mesh)
-        restored = train.restore_checkpoint(manager, step, template)
+        experiment = training.build_experiment(tiny_config)
+        template = experiment.init_state(seed=0)
+        restored = training.restore_checkpoint(manager, step, template)
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored.params))
 
 
 _SHARDED_SCRIPT = """
 import sys, json, numpy as np, jax
-from jaxcomp import train
+from jaxcomp import training
 from jaxcomp.config import default_config
 config = default_config()
 config.update_from_flattened_dict(json.loads(sys.argv[1]))
-experiment = train.build_experiment(config)
-state = train.init_state(experiment.model, experiment.optimizer, 64, 0, experiment.mesh)
+experiment = training.build_experiment(config)
+state = experiment.init_state(seed=0)
 from jaxcomp.data import pipeline
 ds = pipeline.train_dataset(experiment.builder.as_data_source("train"), image_size=64,
     global_batch_size=config.train.batch_size, max_objects=config.data.max_objects,
     num_classes=pipeline.num_classes(experiment.builder), seed=config.seed)
 losses, grad_norms = [], []
 for step in range(3):
-    state, metrics = experiment.train_step(
-        state, train.global_batch(ds[step], experiment.mesh, train.TRAIN_FIELDS))
+    state, metrics = experiment.train_step_at(0)(
+        state, training.global_batch(ds[step], experiment.mesh, training.TRAIN_FIELDS))
     losses.append(float(metrics["total"]))
     grad_norms.append(float(metrics["grad_norm"]))
     if step == 0:
@@ -188,7 +188,7 @@ def test_cli_sigterm_saves_and_exits_cleanly_then_resumes(tiny_config, tmp_path)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     assert "Run the same command again to resume" in output
-    manager = train.checkpoint_manager(str(workdir), tiny_config.train)
+    manager = training.checkpoint_manager(str(workdir), tiny_config.train)
     saved = manager.latest_step()
     assert saved is not None and saved >= 2
     # The same command picks up from the saved step.
@@ -218,7 +218,7 @@ def test_voc_config_trains_on_mock_voc(tmp_path):
     config.optim.warmup_steps = 1
     config.eval.batch_size = 4
     with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
-        result = train.train_and_evaluate(config, str(tmp_path))
+        result = training.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 2 and not result["preempted"]
     assert np.isfinite(result["train"]["total"])
     # mock_data draws unordered boxes and mismatched label lists: sanitized and counted.
@@ -227,7 +227,7 @@ def test_voc_config_trains_on_mock_voc(tmp_path):
 
 
 def test_first_ctrl_c_requests_a_stop_and_second_interrupts():
-    with train.StopRequest() as stop:
+    with training.StopRequest() as stop:
         assert not stop.is_set()
         signal.raise_signal(signal.SIGINT)
         assert stop.is_set()

@@ -4,16 +4,20 @@ The losses themselves are generic (`jaxcomp.distill.LOSSES`); this module
 decides what a detector distils: the heatmap as per-class soft targets
 (weighted by the teacher's confidence or the ground-truth foreground), the
 size and offset maps imitated at the teacher's peaks or the ground-truth
-centres, and one feature map (PKD or CWD).
+centres, and feature maps at one or more layers (PKD or CWD), each with its weight.
+`from_config` builds the distillation method (`jaxcomp.distill.transform`) of a config.
 """
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax import lax
 
-from jaxcomp import distill
+from jaxcomp import distill, transforms
+from jaxcomp.distill.transform import captured, distillation, layer_filter
 
 HEATMAP_WEIGHTINGS = ("none", "teacher", "foreground")
 REGRESSION_POSITIONS = ("teacher_peaks", "gt_centers")
@@ -23,8 +27,7 @@ REGRESSION_POSITIONS = ("teacher_peaks", "gt_centers")
 class DistillSpec:
     """The distillation terms of a detector train step (hashable, so static under `jax.jit`).
 
-    A term with weight 0 is not computed. Build it from a config with
-    `jaxcomp.compress.make_distill_spec`.
+    A term with weight 0 is not computed. Build it from a config with `spec_of`.
 
     Attributes:
       temperature: of the heatmap soft targets.
@@ -39,8 +42,10 @@ class DistillSpec:
         `peak_threshold`) or 'gt_centers'.
       peak_threshold: teacher score a peak needs.
       feature_loss: registry name of the feature term ('pkd', 'cwd').
-      feature_weight: its weight (0: no feature distillation).
+      feature_weight: weight of the feature terms (0: no feature distillation).
       feature_temperature: temperature of the feature term (CWD uses it).
+      feature_layers: ((module path, weight), ...): the feature maps compared, each
+        term weighted by `feature_weight * weight`.
     """
 
     temperature: float = 1.0
@@ -55,8 +60,14 @@ class DistillSpec:
     feature_loss: str = "pkd"
     feature_weight: float = 1.0
     feature_temperature: float = 1.0
+    feature_layers: tuple[tuple[str, float], ...] = (("neck", 1.0),)
 
     def __post_init__(self):
+        layers = tuple((str(layer), weight) for layer, weight in self.feature_layers)
+        object.__setattr__(self, "feature_layers", layers)
+        for layer, weight in layers:
+            if not (isinstance(weight, int | float) and weight >= 0):
+                raise ValueError(f"feature_layers weight of {layer!r} must be >= 0, got {weight!r}")
         for field in ("heatmap_loss", "regression_loss", "feature_loss"):
             distill.get_loss(getattr(self, field))
         for field in ("heatmap_weight", "size_weight", "offset_weight", "feature_weight"):
@@ -79,7 +90,12 @@ class DistillSpec:
     @property
     def uses_features(self) -> bool:
         """Whether the step needs the feature maps of both networks."""
-        return self.feature_weight > 0
+        return self.feature_weight > 0 and bool(self.feature_layers)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The module paths whose feature maps are compared (none without features)."""
+        return tuple(layer for layer, _ in self.feature_layers) if self.uses_features else ()
 
 
 def peak_weights(heatmap_logits: jax.Array, threshold: float) -> jax.Array:
@@ -131,8 +147,8 @@ def distillation_loss(
     teacher_outputs: dict[str, jax.Array],
     batch: dict[str, jax.Array],
     spec: DistillSpec,
-    student_features: jax.Array | None = None,
-    teacher_features: jax.Array | None = None,
+    student_features: Mapping[str, jax.Array] | None = None,
+    teacher_features: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted distillation terms of a CenterNet student against its teacher.
 
@@ -142,12 +158,16 @@ def distillation_loss(
       batch: the train batch (`heatmap`, `center_index`, `target_mask` fields are read
         for 'foreground' weighting and 'gt_centers').
       spec: which terms and weights.
-      student_features: the student's feature map, already adapted to the teacher's width.
-      teacher_features: the teacher's feature map (needed when `spec.uses_features`).
+      student_features: the student's feature maps by layer, already adapted to the
+        teacher's widths.
+      teacher_features: the teacher's feature maps by layer (needed when
+        `spec.uses_features`).
 
     Returns:
       `(total, terms)`: the weighted sum and the unweighted terms as
-      `distill_heatmap`, `distill_size`, `distill_offset`, `distill_feature`.
+      `distill_heatmap`, `distill_size`, `distill_offset`, `distill_feature` (the
+      feature terms summed with their layer weights) and, with several layers,
+      `distill_feature_<layer>` each.
     """
     teacher_outputs = jax.lax.stop_gradient(teacher_outputs)
     for head in ("heatmap", "size", "offset"):
@@ -185,12 +205,23 @@ def distillation_loss(
     if spec.uses_features:
         if student_features is None or teacher_features is None:
             raise ValueError("feature distillation needs both networks' feature maps")
-        terms["distill_feature"] = distill.get_loss(spec.feature_loss)(
-            student_features,
-            teacher_features,
-            temperature=spec.feature_temperature,
-            weights=None,
+        feature_loss = distill.get_loss(spec.feature_loss)
+        per_layer = {
+            layer: feature_loss(
+                student_features[layer],
+                teacher_features[layer],
+                temperature=spec.feature_temperature,
+                weights=None,
+            )
+            for layer, _ in spec.feature_layers
+        }
+        terms["distill_feature"] = sum(
+            (weight * per_layer[layer] for layer, weight in spec.feature_layers), jnp.zeros(())
         )
+        if len(per_layer) > 1:
+            terms.update(
+                {f"distill_feature_{layer.replace('/', '_')}": v for layer, v in per_layer.items()}
+            )
     weights = {
         "distill_heatmap": spec.heatmap_weight,
         "distill_size": spec.size_weight,
@@ -199,3 +230,83 @@ def distillation_loss(
     }
     total = sum((weights[name] * value for name, value in terms.items()), jnp.zeros(()))
     return total, terms
+
+
+def spec_of(config: ml_collections.ConfigDict) -> DistillSpec:
+    """The distillation terms of `config.distill` (raises ValueError on bad names or values)."""
+    fields = {field.name for field in dataclasses.fields(DistillSpec)}
+    return DistillSpec(**{name: config.distill[name] for name in sorted(fields)})
+
+
+def _feature_widths(model, variables, image_size: int, layers) -> tuple[dict, dict]:
+    """Shapes of a detector's head outputs and the widths of its maps at `layers`."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
+
+    def run(variables, images):
+        return model.apply(
+            variables,
+            images,
+            train=False,
+            capture_intermediates=layer_filter(layers),
+            mutable=["intermediates"],
+        )
+
+    outputs, collections = jax.eval_shape(run, variables, images)
+    return outputs, {layer: captured(collections, layer).shape[-1] for layer in layers}
+
+
+def from_config(config: ml_collections.ConfigDict, context) -> transforms.Transform | None:
+    """The distillation method of `config.distill` (None without a teacher).
+
+    The teacher's head outputs must have the student's shapes; feature maps of other
+    widths get 1x1 adapters. Raises before anything is trained when the teacher's
+    checkpoint is missing or does not fit `config.distill.teacher_model`.
+
+    Args:
+      config: the experiment config.
+      context: a `jaxcomp.methods.MethodContext`.
+    """
+    settings = config.distill
+    if not settings.teacher:
+        return None
+    spec = spec_of(config)
+    teacher = context.create_model(settings.teacher_model, settings.teacher_channels)
+    teacher_shapes = context.abstract_variables(teacher)
+    size = context.image_size
+    student_out, student_widths = _feature_widths(
+        context.model, context.variables, size, spec.layers
+    )
+    teacher_out, teacher_widths = _feature_widths(teacher, teacher_shapes, size, spec.layers)
+    for head, shape in student_out.items():
+        if teacher_out[head].shape != shape.shape:
+            raise ValueError(
+                f"config.distill.teacher_model={settings.teacher_model!r} predicts "
+                f"'{head}' of shape {teacher_out[head].shape} but the student "
+                f"{config.model.name!r} {shape.shape}; distil between detectors of the same "
+                "dataset (classes) and output stride"
+            )
+    teacher_variables = context.load_variables(
+        settings.teacher,
+        teacher_shapes,
+        field="config.distill.teacher",
+        model_field="config.distill.teacher_model",
+    )
+    adapters = {
+        layer: (student_widths[layer], teacher_widths[layer])
+        for layer in spec.layers
+        if student_widths[layer] != teacher_widths[layer]
+    }
+
+    def task_loss(student_outputs, teacher_outputs, batch, student_features, teacher_features):
+        return distillation_loss(
+            student_outputs, teacher_outputs, batch, spec, student_features, teacher_features
+        )
+
+    return distillation(
+        teacher.apply,
+        lambda: teacher_variables,
+        task_loss,
+        inputs=lambda batch: (batch["image"],),
+        layers=spec.layers,
+        adapters=adapters,
+    )

@@ -13,8 +13,13 @@ from jaxcomp.distill.losses import (
     sigmoid_soft_target,
     soft_target_kl,
 )
+from jaxcomp.distill.transform import captured, distillation, layer_filter, with_capture
 
 __all__ = [
+    "captured",
+    "distillation",
+    "layer_filter",
+    "with_capture",
     "LOSSES",
     "DistillLoss",
     "apply_adapter",

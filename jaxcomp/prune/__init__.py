@@ -7,6 +7,9 @@ Nothing here knows about detectors.
 """
 
 from jaxcomp.prune.masks import (
+    METHODS,
+    NORMS,
+    SCOPES,
     apply_masks,
     channel_group_masks,
     channel_mask,
@@ -34,11 +37,21 @@ from jaxcomp.prune.schedules import (
     one_shot_schedule,
     polynomial_schedule,
 )
-from jaxcomp.prune.scores import SCORES, magnitude_score, random_score, saliency_score
+from jaxcomp.prune.scores import (
+    SCORES,
+    StatefulScore,
+    magnitude_score,
+    random_score,
+    saliency_score,
+)
 from jaxcomp.prune.shrink import channel_keep_indices, group_widths, shrink_tree
 from jaxcomp.prune.storage import directory_bytes, load_sparse, save_dense, save_sparse
 
 __all__ = [
+    "METHODS",
+    "NORMS",
+    "SCOPES",
+    "StatefulScore",
     "SCHEDULES",
     "SCORES",
     "PrunedOptState",

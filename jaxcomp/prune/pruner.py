@@ -275,7 +275,11 @@ def make_pruner(
 
 
 def pruned_optimizer(
-    inner: optax.GradientTransformation, pruner: Pruner, *, key: jax.Array | None = None
+    inner: optax.GradientTransformation,
+    pruner: Pruner,
+    *,
+    key: jax.Array | None = None,
+    score_inputs: Callable[[dict[str, Any]], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps `inner` so that `optax.apply_updates` leaves the params pruned.
 
@@ -289,6 +293,9 @@ def pruned_optimizer(
       inner: any optax optimizer (e.g. an `optax.chain`).
       pruner: a `Pruner` from `make_pruner`.
       key: the PRNG key for scores that need one (the 'random' score).
+      score_inputs: what the score reads in place of the gradients, taken from
+        the update's extra arguments (a stateful score's accumulated sums);
+        None: the raw gradients.
 
     Returns:
       An optax transformation whose state is a `PrunedOptState`.
@@ -314,7 +321,8 @@ def pruned_optimizer(
         masked_grads = apply_masks(grads, state.pruner_state.masks)
         updates, inner_state = inner.update(masked_grads, state.inner_state, params, **extra_args)
         candidate = optax.apply_updates(params, updates)
-        _, pruner_state = pruner.update(candidate, state.pruner_state, grads)
+        scored = grads if score_inputs is None else score_inputs(extra_args)
+        _, pruner_state = pruner.update(candidate, state.pruner_state, scored)
         updates = jax.tree.map(
             lambda update, param, mask: jnp.where(
                 mask, update, jnp.negative(param).astype(jnp.result_type(update))

@@ -9,12 +9,31 @@ and `None` for a leaf left alone.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jaxcomp.prune import movement
+
 ScoreFn = Callable[[jax.Array, jax.Array | None, jax.Array | None], jax.Array]
+
+
+class StatefulScore(NamedTuple):
+    """A score that accumulates over training steps (movement pruning).
+
+    Its running sums are the pruning method's state; at each mask update the pruner
+    scores a leaf as `score(param, accumulated_leaf, key)`.
+
+    Attributes:
+      init: `params -> accumulated` (a tree with the params' structure).
+      update: `(accumulated, params, grads) -> accumulated`, once per train step.
+      score: a `ScoreFn` reading the accumulated leaf in place of the gradient.
+    """
+
+    init: Callable[[Any], Any]
+    update: Callable[[Any, Any, Any], Any]
+    score: ScoreFn
 
 
 def magnitude_score(param: jax.Array, grad: jax.Array | None, key: jax.Array | None) -> jax.Array:
@@ -42,10 +61,11 @@ def saliency_score(param: jax.Array, grad: jax.Array | None, key: jax.Array | No
     return jnp.abs(param * grad)
 
 
-SCORES: dict[str, ScoreFn] = {
+SCORES: dict[str, ScoreFn | StatefulScore] = {
     "magnitude": magnitude_score,
     "random": random_score,
     "saliency": saliency_score,
+    "movement": StatefulScore(movement.init, movement.accumulate, movement.score),
 }
 
 
@@ -58,11 +78,13 @@ def get_score(score: str | ScoreFn) -> ScoreFn:
     Returns:
       The score function.
     """
+    if isinstance(score, StatefulScore):
+        return score.score
     if callable(score):
         return score
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; valid scores are {sorted(SCORES)}")
-    return SCORES[score]
+    return get_score(SCORES[score])
 
 
 def is_selected(value: Any) -> bool:

@@ -19,7 +19,13 @@ from jaxcomp.quant.numerics import (
     scale_and_zero_point,
     weight_qparams,
 )
-from jaxcomp.quant.observers import ObserverState, init_observer, observe, observer_qparams
+from jaxcomp.quant.observers import (
+    OBSERVERS,
+    ObserverState,
+    init_observer,
+    observe,
+    observer_qparams,
+)
 from jaxcomp.quant.qat import (
     MODES,
     QUANT_STATS,
@@ -34,8 +40,16 @@ from jaxcomp.quant.qat import (
     quantized_apply,
     quantized_layers,
 )
+from jaxcomp.quant.settings import quant_config_of
+from jaxcomp.quant.transform import FROZEN_BATCH_NORM, QUANT_MODES, ptq, qat
 
 __all__ = [
+    "FROZEN_BATCH_NORM",
+    "QUANT_MODES",
+    "ptq",
+    "qat",
+    "quant_config_of",
+    "OBSERVERS",
     "MODES",
     "QUANT_STATS",
     "ObserverState",

@@ -14,8 +14,6 @@ import numpy as np
 
 from jaxcomp.quant import numerics
 
-OBSERVER_METHODS = ("minmax", "ema")
-
 
 class ObserverState(NamedTuple):
     """Running range of a tensor.
@@ -34,6 +32,23 @@ class ObserverState(NamedTuple):
 def init_observer() -> ObserverState:
     """Returns the state of an observer that has seen nothing (min=+inf, max=-inf, count=0)."""
     return ObserverState(jnp.float32(jnp.inf), jnp.float32(-jnp.inf), jnp.int32(0))
+
+
+def _running_min_max(state: ObserverState, batch_min, batch_max, momentum: float):
+    del momentum
+    return jnp.minimum(state.min, batch_min), jnp.maximum(state.max, batch_max)
+
+
+def _moving_average(state: ObserverState, batch_min, batch_max, momentum: float):
+    first = state.count == 0
+    new_min = jnp.where(first, batch_min, momentum * state.min + (1 - momentum) * batch_min)
+    new_max = jnp.where(first, batch_max, momentum * state.max + (1 - momentum) * batch_max)
+    return new_min, new_max
+
+
+# Range estimators by name: `(state, batch_min, batch_max, momentum) -> (min, max)`.
+OBSERVERS = {"minmax": _running_min_max, "ema": _moving_average}
+OBSERVER_METHODS = tuple(OBSERVERS)
 
 
 def observe(
@@ -64,8 +79,8 @@ def observe(
       >>> float(state.min), float(state.max), int(state.count)
       (-1.0, 2.0, 1)
     """
-    if method not in OBSERVER_METHODS:
-        raise ValueError(f"observer method must be one of {OBSERVER_METHODS}, got {method!r}")
+    if method not in OBSERVERS:
+        raise ValueError(f"observer method must be one of {tuple(OBSERVERS)}, got {method!r}")
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     if freeze_step is not None and step is None:
@@ -73,13 +88,7 @@ def observe(
             f"freeze_step={freeze_step} needs the current step: pass step=<train step>"
         )
     batch_min, batch_max = numerics.min_max(jax.lax.stop_gradient(x).astype(jnp.float32))
-    if method == "minmax":
-        new_min = jnp.minimum(state.min, batch_min)
-        new_max = jnp.maximum(state.max, batch_max)
-    else:
-        first = state.count == 0
-        new_min = jnp.where(first, batch_min, momentum * state.min + (1 - momentum) * batch_min)
-        new_max = jnp.where(first, batch_max, momentum * state.max + (1 - momentum) * batch_max)
+    new_min, new_max = OBSERVERS[method](state, batch_min, batch_max, momentum)
     new = ObserverState(new_min, new_max, state.count + 1)
     if freeze_step is None:
         return new

@@ -19,7 +19,7 @@ Stages (workdirs/compress/<stage>):
                     the sparsity axis from the distilled student (and channels, shrunk)
   int8_90           pruned_90 -> int8 QAT as for int8: the smallest model of the recipe
 
-Expected: the README's results table and results/*.png.
+Expected: the results table of docs/results.md (results/results.md) and results/*.png.
 """
 
 from jaxcomp.config import default_config, finetune_config

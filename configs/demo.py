@@ -10,7 +10,7 @@ scratch), the student distilled from that teacher (600 steps), then pruned to 50
 while distilling (200 steps), then int8 QAT while distilling with the masks kept
 (150 steps), converted to int8 and evaluated on the int8 serving path.
 
-Expected: see the README's demo table (about 11 minutes on 2 CPU cores).
+Expected: see the demo table in docs/results.md (about 11 minutes on 2 CPU cores).
 """
 
 from jaxcomp.config import default_config, finetune_config

@@ -11,7 +11,7 @@ targets weighted by the teacher's confidence, the size and offset maps imitated
 (L1) at the teacher's peaks, and PKD on the stride-4 neck features (a 1x1 adapter
 maps the student's 64 channels to the teacher's 128; it is not exported).
 
-Expected: see the README's distillation table (AP of the distilled against the
+Expected: see the measured table in docs/distillation.md (AP of the distilled against the
 plain student; about 45 minutes on 2 CPU cores).
 """
 

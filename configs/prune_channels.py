@@ -13,7 +13,7 @@ physically smaller one (fewer channels: `export/shrunk`, its widths in
 `compression.json` as `config.model.channels`), evaluated again, and its parameters
 and FLOPs are reported next to the dense model's.
 
-Expected: see the README's pruning table (about 5 minutes on 2 CPU cores).
+Expected: see the measured table in docs/pruning.md (about 5 minutes on 2 CPU cores).
 """
 
 from jaxcomp.config import finetune_config

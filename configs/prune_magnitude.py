@@ -12,7 +12,7 @@ first conv, the heatmap's last conv or the 3x3 depthwise kernels: see
 the masks fixed. The run ends with mAP, per-layer sparsity, FLOPs and bytes on disk
 (dense vs bitmask + values) in `compression.json`.
 
-Expected: see the README's pruning table (AP50 of dense vs 50/80/90% and 2:4;
+Expected: see the measured table in docs/pruning.md (AP50 of dense vs 50/80/90% and 2:4;
 about 5 minutes per run on 2 CPU cores).
 """
 

@@ -9,7 +9,7 @@ stay (the pattern sparse tensor cores run at 2x); depthwise kernels (one input
 channel), the first conv and the heatmap's last conv stay dense. The pattern is
 imposed at the first step and the remaining weights fine-tune for 1000 steps.
 
-Expected: see the README's pruning table (about 5 minutes on 2 CPU cores).
+Expected: see the measured table in docs/pruning.md (about 5 minutes on 2 CPU cores).
 """
 
 from jaxcomp.config import finetune_config

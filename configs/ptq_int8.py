@@ -9,7 +9,7 @@ folded in, int8 activations per tensor; the first conv and the heatmap's last co
 stay float) and the real int8 serving path (int8 x int8 -> int32) are evaluated.
 `compression.json` has both mAPs and the bytes on disk of the int8 export.
 
-Expected: see the README's quantization table (under a minute on 2 CPU cores).
+Expected: see the measured table in docs/quantization.md (under a minute on 2 CPU cores).
 """
 
 from jaxcomp.config import finetune_config

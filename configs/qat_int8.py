@@ -10,7 +10,7 @@ freeze at step 700 and BatchNorm switches to its running statistics at step 800,
 as torch's QAT recipe does. The run ends with the fake-quant mAP, the real int8
 serving path's mAP and the bytes on disk of the int8 export (`compression.json`).
 
-Expected: see the README's quantization table (about 8 minutes on 2 CPU cores).
+Expected: see the measured table in docs/quantization.md (about 8 minutes on 2 CPU cores).
 """
 
 from jaxcomp.config import finetune_config

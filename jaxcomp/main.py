@@ -5,7 +5,7 @@ Example:
       --config.train.steps=200
 
 Started again with the same --workdir, the run resumes from its latest checkpoint.
-On several hosts, run the same command on each host with --distributed (see README).
+On several hosts, run the same command on each host with --distributed (see docs/accelerators.md).
 """
 
 import json

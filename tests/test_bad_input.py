@@ -1,7 +1,7 @@
 """Bad inputs: each is refused with a message that names the field or example and the fix,
 or handled and counted.
 
-Every case carries the two sentences of its row in the README's bad-input table
+Every case carries the two sentences of its row in docs/bad_input.md's table
 (`given`, `outcome`), so the table says what these tests check.
 """
 

@@ -362,6 +362,7 @@ def _validate_quant(config: ml_collections.ConfigDict) -> None:
 def _validate_prune(config: ml_collections.ConfigDict) -> None:
     # Read when validating: scores and schedules registered later count.
     from jaxcomp.prune import METHODS, NORMS, SCHEDULES, SCOPES, SCORES
+    from jaxcomp.prune.transform import prune_end_step
 
     prune = config.prune
     _require(
@@ -403,13 +404,6 @@ def _validate_prune(config: ml_collections.ConfigDict) -> None:
         f"config.prune.frequency={prune.frequency} and num_prunes={prune.num_prunes} "
         "must be positive",
     )
-
-
-def prune_end_step(config: ml_collections.ConfigDict) -> int:
-    """The step where the pruning schedule reaches its final sparsity (default 3/4 of training)."""
-    if config.prune.end_step is None:
-        return max(config.prune.begin_step + 1, 3 * config.train.steps // 4)
-    return config.prune.end_step
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

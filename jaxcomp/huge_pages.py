@@ -13,6 +13,8 @@ command again with the tunable set; a user's own `glibc.malloc.hugetlb` setting
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -80,11 +82,36 @@ def restart_with_huge_pages() -> None:
     Call it first in a program's main function: the process is replaced (same pid),
     so nothing done before survives.
     """
+    if not runs_on_cpu(os.environ, accelerator_plugins()):
+        return
     environ = environment_with_huge_pages(
         os.environ, transparent_huge_pages_mode(), platform.libc_ver()
     )
     if environ is None:
         return
+    print(
+        f"jaxcomp: restarting with GLIBC_TUNABLES={environ['GLIBC_TUNABLES']} (huge pages for "
+        f"XLA:CPU's per-step temporaries; GLIBC_TUNABLES={TUNABLE}=0 opts out)",
+        file=sys.stderr,
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, environ)
+
+
+def accelerator_plugins() -> list[str]:
+    """JAX's installed accelerator backends, found without importing JAX: PJRT plugins
+    (the `jax_plugins` entry points, e.g. CUDA) and libtpu."""
+    names = [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
+    if importlib.util.find_spec("libtpu") is not None:
+        names.append("tpu")
+    return names
+
+
+def runs_on_cpu(environ: Mapping[str, str], plugins: list[str]) -> bool:
+    """Whether JAX will compute on the CPU: `JAX_PLATFORMS` names cpu first, or it is unset
+    and no accelerator plugin is installed (huge pages only help XLA:CPU's temporaries)."""
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not plugins

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from jaxcomp import report, training
+from jaxcomp import huge_pages, report, training
 from jaxcomp.config import load_config_file
 
 FLAGS = flags.FLAGS
@@ -230,6 +230,8 @@ def _training_curve(run_dir: str) -> dict[str, list[tuple[int, float]]]:
 
 def main(argv):
     del argv
+    # Before anything else, as jaxcomp.main does (jaxcomp/huge_pages.py).
+    huge_pages.restart_with_huge_pages()
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and TFDS are chatty at INFO
     training.enable_compilation_cache(FLAGS.compilation_cache_dir)

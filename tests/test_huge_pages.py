@@ -68,6 +68,10 @@ def test_a_command_restarts_once_with_the_tunable():
     restarts = 1 if expected else 0
     assert lines.count("start") == 1 + restarts, result.stdout
     assert lines[-2].split()[1] == str(expected["GLIBC_TUNABLES"] if expected else None)
+    # One line says so, with the opt-out.
+    announced = [line for line in result.stderr.splitlines() if "restarting with" in line]
+    assert len(announced) == restarts
+    assert all("glibc.malloc.hugetlb=0 opts out" in line for line in announced)
 
 
 def test_the_tunable_is_set_cleared_or_opted_out_keeping_the_others():
@@ -78,3 +82,17 @@ def test_the_tunable_is_set_cleared_or_opted_out_keeping_the_others():
     }
     assert huge_pages.with_hugetlb(environ, None)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
     assert huge_pages.with_hugetlb({}, "1") == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
+@pytest.mark.parametrize(
+    "environ, plugins, expected",
+    [
+        ({}, [], True),
+        ({}, ["cuda"], False),
+        ({"JAX_PLATFORMS": "cpu"}, ["cuda"], True),
+        ({"JAX_PLATFORMS": "cuda,cpu"}, ["cuda"], False),
+        ({"JAX_PLATFORMS": "tpu"}, [], False),
+    ],
+)
+def test_restart_only_where_jax_computes_on_the_cpu(environ, plugins, expected):
+    assert huge_pages.runs_on_cpu(environ, plugins) is expected

@@ -109,18 +109,16 @@ def test_lsq_fake_quant_values_and_gradients_follow_the_paper():
     def quantized(x, step):
         return quant.lsq.lsq_fake_quant(x, step, zero_point, qmin, qmax, gradient_scale=0.1)
 
-    # clip(round(x / s) + z, qmin, qmax) - z, times s; round half to even.
-    v = np.clip(np.round(np.asarray(x) / 0.5) + 1.0, qmin, qmax)
-    np.testing.assert_allclose(quantized(x, step), (v - 1.0) * 0.5)
+    # clip(round(x / s) + z, qmin, qmax) - z, times s; round half to even (0.5 -> 0, 1.5 -> 2).
+    codes = np.round(np.asarray(x) / 0.5) + 1.0
+    np.testing.assert_array_equal(quantized(x, step), (np.clip(codes, qmin, qmax) - 1.0) * 0.5)
+    inside = (codes >= qmin) & (codes <= qmax)
     dx = jax.grad(lambda x: quantized(x, step).sum())(x)
-    inside = (np.asarray(x) / 0.5 + 1.0 >= qmin) & (np.asarray(x) / 0.5 + 1.0 <= qmax)
     np.testing.assert_array_equal(dx, inside.astype(np.float32))
     ds = jax.grad(lambda s: quantized(x, s).sum())(step)
-    unrounded = np.asarray(x) / 0.5 + 1.0
+    v = np.asarray(x) / 0.5
     per_element = np.where(
-        unrounded < qmin,
-        qmin - 1.0,
-        np.where(unrounded > qmax, qmax - 1.0, np.round(unrounded) - unrounded),
+        codes < qmin, qmin - 1.0, np.where(codes > qmax, qmax - 1.0, np.round(v) - v)
     )
     np.testing.assert_allclose(ds, 0.1 * per_element.sum(), rtol=1e-6)
 
@@ -272,8 +270,13 @@ def test_lsq_int8_export_serves_what_lsq_fake_quant_computes(tiny_data_dir):
     )
     export = method.export(eval_view, transforms.ExportInputs(variables, None))["int8"]
     served = jax.jit(export.apply)(export.tree, images)
+    # Integer codes agree; float sums in another order move a few inputs across a rounding
+    # boundary (one step), and such flips propagate: 1% of the heads' values differ by up to
+    # 0.3% here. A wrong scale, zero point or kernel code would move most of them.
     for head in ("heatmap", "size", "offset"):
         expected, actual = np.asarray(fake_quant[head]), np.asarray(served[head])
         scale = np.abs(expected).max()
         assert scale > 1e-3, f"{head} is near zero: the check would mean nothing"
-        np.testing.assert_allclose(actual, expected, atol=1e-3 * scale, err_msg=head)
+        np.testing.assert_allclose(actual, expected, atol=1e-2 * scale, err_msg=head)
+        close = np.abs(actual - expected) <= 1e-4 * scale
+        assert close.mean() > 0.95, f"{head}: only {close.mean():.1%} of the values agree"

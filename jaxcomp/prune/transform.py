@@ -13,7 +13,6 @@ import jax
 import ml_collections
 
 from jaxcomp import paths, transforms
-from jaxcomp.config import prune_end_step
 from jaxcomp.prune.masks import subtree_groups
 from jaxcomp.prune.pruner import Pruner, make_pruner, pruned_optimizer
 from jaxcomp.prune.schedules import SCHEDULES, Schedule
@@ -68,6 +67,13 @@ def pruning(
         return {} if shrink is None else {"shrunk": shrink(inputs.variables)}
 
     return transforms.Transform(init=init, optimizer=optimizer, update=update, export=export)
+
+
+def prune_end_step(config: ml_collections.ConfigDict) -> int:
+    """The step where the pruning schedule reaches its final sparsity (default 3/4 of training)."""
+    if config.prune.end_step is None:
+        return max(config.prune.begin_step + 1, 3 * config.train.steps // 4)
+    return config.prune.end_step
 
 
 def make_schedule(settings: ml_collections.ConfigDict, end_step: int) -> Schedule:

@@ -48,10 +48,11 @@ def lsq_fake_quant(
     """`(clip(round(x / step) + zero_point, qmin, qmax) - zero_point) * step` with LSQ's
     gradients.
 
-    The input's gradient is the clipped straight-through estimator (1 inside the
-    range, 0 outside); the step's is `round(v) - v` inside and `qmin - zero_point`
-    or `qmax - zero_point` outside (v = x / step + zero_point), scaled by
-    `gradient_scale`. Rounds half to even.
+    The codes are those of `numerics.quantize` (round half to even, then the zero point,
+    then the clip), so the int8 serving path computes the same integers. The input's
+    gradient is the clipped straight-through estimator (1 where the code is inside the
+    range, else 0); the step's is `round(v) - v` inside and `qmin - zero_point` or
+    `qmax - zero_point` outside (v = x / step), times `gradient_scale`.
 
     Args:
       x: the values.
@@ -61,9 +62,12 @@ def lsq_fake_quant(
       gradient_scale: LSQ's `1 / sqrt(N * qmax)`.
     """
     step = scale_gradient(jnp.maximum(step, _EPSILON), gradient_scale)
-    v = jnp.clip(x / step + zero_point, qmin, qmax)
-    rounded = v + jax.lax.stop_gradient(jnp.round(v) - v)
-    return (rounded - zero_point) * step
+    v = x / step
+    code = v + jax.lax.stop_gradient(jnp.round(v) - v) + zero_point
+    constant = jax.lax.stop_gradient(code)
+    inside = (constant >= qmin) & (constant <= qmax)
+    code = jnp.where(inside, code, jnp.clip(constant, qmin, qmax))
+    return (code - zero_point) * step
 
 
 def _folded_kernels(params: Any, batch_stats: Any, layers, config: qat.QuantConfig):
@@ -265,6 +269,10 @@ def _int8_form(model, variables, view, config) -> transforms.Export:
         entry = paths.lookup(tree["int8"], layer)
         entry["kernel"] = jnp.clip(jnp.round(folded / step), wmin, wmax).astype(jnp.int8)
         entry["kernel_scale"] = jnp.asarray(step, jnp.float32)
+        # The learned values themselves: the range above gives them up to float rounding.
+        entry["input_scale"] = jnp.exp(paths.lookup(view.params["inputs"], layer))
+        zero_point = paths.lookup(view.state["zero_points"], layer)
+        entry["input_zero_point"] = jnp.asarray(zero_point, jnp.int32)
     tree = jax.device_get(tree)
     return transforms.Export(
         tree=tree,

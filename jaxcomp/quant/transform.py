@@ -59,6 +59,25 @@ def _int8_export(model, config: QuantConfig) -> Callable:
     return export
 
 
+def _with_observers(apply_fn, view, config: QuantConfig, mode: str, batch_norm_trains):
+    """`apply_fn` run by `quantized_apply` in `mode` with the method's observers;
+    `batch_norm_trains(train)` says whether BatchNorm uses batch statistics."""
+
+    def quantized(variables, *args, train: bool = False, **kwargs):
+        return quantized_apply(
+            apply_fn,
+            {**variables, QUANT_STATS: view.state[QUANT_STATS]},
+            *args,
+            config=config,
+            mode=mode,
+            step=view.step,
+            train=batch_norm_trains(train),
+            **kwargs,
+        )
+
+    return quantized
+
+
 def _observed(view, info):
     return {QUANT_STATS: info.collections[QUANT_STATS]}, view.params
 
@@ -76,22 +95,11 @@ def qat(
     """
 
     def apply(apply_fn, view):
+        def batch_norm_trains(train):
+            return train and view.phase != FROZEN_BATCH_NORM
+
         mode = "qat" if view.training else "eval"
-
-        def quantized(variables, *args, train: bool = False, **kwargs):
-            train = train and view.phase != FROZEN_BATCH_NORM
-            return quantized_apply(
-                apply_fn,
-                {**variables, QUANT_STATS: view.state[QUANT_STATS]},
-                *args,
-                config=config,
-                mode=mode,
-                step=view.step,
-                train=train,
-                **kwargs,
-            )
-
-        return quantized
+        return _with_observers(apply_fn, view, config, mode, batch_norm_trains)
 
     def phase(step):
         frozen = freeze_bn_step is not None and step >= freeze_bn_step
@@ -110,19 +118,9 @@ def ptq(model, image_size: int, config: QuantConfig) -> transforms.Transform:
     """Post-training quantization: each step observes a batch's layer inputs; no gradient."""
 
     def apply(apply_fn, view):
-        def observing(variables, *args, train: bool = False, **kwargs):
-            del train  # calibration uses BatchNorm's running statistics
-            return quantized_apply(
-                apply_fn,
-                {**variables, QUANT_STATS: view.state[QUANT_STATS]},
-                *args,
-                config=config,
-                mode="calibrate" if view.training else "eval",
-                train=False,
-                **kwargs,
-            )
-
-        return observing
+        # Calibration observes with BatchNorm's running statistics.
+        mode = "calibrate" if view.training else "eval"
+        return _with_observers(apply_fn, view, config, mode, lambda train: False)
 
     return transforms.Transform(
         init=_observers(model, image_size, config),

@@ -24,6 +24,7 @@ from jaxcomp.training.experiment import (
     enable_compilation_cache,
     evaluate_experiment,
     experiment_train_dataset,
+    method_context,
 )
 from jaxcomp.training.export import (
     compression_summary,
@@ -88,6 +89,7 @@ __all__ = [
     "jit_train_step",
     "make_mesh",
     "make_optimizer",
+    "method_context",
     "model_flops",
     "restore_checkpoint",
     "restore_latest",

@@ -39,6 +39,7 @@ def test_distillation_step_trains_student_and_adapter_leaves_teacher_alone(
     state = train.init_state(experiment.model, experiment.optimizer, 64, 0, experiment.mesh)
     state = state.replace(distill=train.init_distill_state(experiment, config.seed))
     teacher_before = jax.device_get(experiment.teacher_variables)
+    student_before = jax.device_get(state.params)
     adapter_before = jax.device_get(state.distill["adapter"])
     dataset = train.experiment_train_dataset(experiment)
     losses = []
@@ -66,6 +67,13 @@ def test_distillation_step_trains_student_and_adapter_leaves_teacher_alone(
         np.testing.assert_array_equal(before, after)
     adapter_after = jax.device_get(state.distill["adapter"])
     assert not np.array_equal(adapter_before["kernel"], adapter_after["kernel"])
+    # Every student leaf moved (the teacher's did not, above).
+    changed = jax.tree.map(
+        lambda before, after: not np.array_equal(before, after),
+        student_before,
+        jax.device_get(state.params),
+    )
+    assert all(jax.tree.leaves(changed)), changed
 
 
 def test_missing_teacher_is_an_error_before_any_file_is_written(tiny_config, tmp_path):

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs
 
-.PHONY: demo results test test-all bench lint format clean
+.PHONY: demo results test test-slow test-all bench lint format clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "jaxcomp needs Python >= 3.11, but $(PYTHON) is " + sys.version.split()[0] + "; run make PYTHON=python3.11 ...")'
@@ -25,6 +25,10 @@ results: $(STAMP)
 # Tests mostly wait on single-threaded XLA compiles: one worker per core (at most 4).
 test: $(STAMP)
 	$(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4
+
+# The tests `make test` deselects. pytest exits 5 when it collects none: not a failure.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4 -m slow || [ $$? -eq 5 ]
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4 -m ''

@@ -10,8 +10,12 @@ rest is a few operations per activation, negligible next to the convolutions.
 Padding positions are counted as if they were real inputs.
 
 Example:
-  >>> positions = kernel_output_positions(model, variables, images, train=False)
-  >>> count_flops(variables["params"], positions)["total"]
+  >>> model = nn.Conv(8, (3, 3))
+  >>> images = np.zeros((1, 32, 32, 3), np.float32)
+  >>> variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  >>> positions = kernel_output_positions(model, variables, images)
+  >>> count_flops(variables["params"], positions)["total"]  # 2 * 32 * 32 * (3 * 3 * 3 * 8)
+  442368
 """
 
 import math
@@ -50,7 +54,9 @@ def kernel_output_positions(
       except the last (channel) axis, batch included, summed over calls of the layer.
 
     Example:
-      >>> kernel_output_positions(nn.Dense(4), variables, jnp.zeros((2, 3, 5)))
+      >>> inputs = np.zeros((2, 3, 5), np.float32)
+      >>> variables = jax.eval_shape(nn.Dense(4).init, jax.random.key(0), inputs)
+      >>> kernel_output_positions(nn.Dense(4), variables, inputs)
       {'kernel': 6}
     """
     leaves, treedef = jax.tree.flatten((args, kwargs))

@@ -110,6 +110,58 @@ def test_decode_rejects_k_larger_than_map():
         decode_detections(outputs, k=5)
 
 
+def _centernet_focal_loss(logits: np.ndarray, target: np.ndarray) -> float:
+    """CenterNet's `_neg_loss` (src/lib/models/losses.py), transcribed to float64 NumPy.
+
+    `pred` is CenterNet's clamped sigmoid; the logits below stay inside its clamp.
+    """
+    pred = np.clip(1.0 / (1.0 + np.exp(-np.float64(logits))), 1e-4, 1 - 1e-4)
+    gt = np.float64(target)
+    pos_inds = (gt == 1).astype(np.float64)
+    neg_inds = (gt < 1).astype(np.float64)
+    neg_weights = (1 - gt) ** 4
+    pos_loss = (np.log(pred) * (1 - pred) ** 2 * pos_inds).sum()
+    neg_loss = (np.log(1 - pred) * pred**2 * neg_weights * neg_inds).sum()
+    num_pos = pos_inds.sum()
+    if num_pos == 0:
+        return -neg_loss
+    return -(pos_loss + neg_loss) / num_pos
+
+
+def _random_heatmaps(seed: int, peaks: int):
+    """Logits in CenterNet's clamp range; targets in [0, 1) with `peaks` cells exactly 1."""
+    rng = np.random.default_rng(seed)
+    logits = rng.uniform(-6.0, 6.0, (2, 8, 8, 3)).astype(np.float32)
+    target = (rng.uniform(0.0, 1.0, logits.shape) ** 3).astype(np.float32)
+    target[target >= 1.0] = 0.5  # a value float32 rounds up to 1 would be an extra peak
+    flat = target.reshape(-1)
+    flat[rng.choice(flat.size, peaks, replace=False)] = 1.0
+    return logits, target
+
+
+@pytest.mark.parametrize("seed, peaks", [(0, 1), (1, 5), (2, 17)])
+def test_focal_loss_equals_centernet_formula(seed, peaks):
+    logits, target = _random_heatmaps(seed, peaks)
+    # One object per peak, as encode_targets gives distinct objects distinct centre cells.
+    loss = float(jit_focal(logits, target, np.float32(peaks)))
+    np.testing.assert_allclose(loss, _centernet_focal_loss(logits, target), rtol=1e-5)
+
+
+def test_focal_loss_without_objects_equals_centernet_formula():
+    logits, target = _random_heatmaps(3, peaks=0)
+    loss = float(jit_focal(logits, target, np.float32(0)))
+    np.testing.assert_allclose(loss, _centernet_focal_loss(logits, target), rtol=1e-5)
+
+
+def test_detection_loss_heatmap_term_is_normalised_by_the_object_count():
+    logits = np.random.default_rng(4).uniform(-6.0, 6.0, BATCH["heatmap"].shape)
+    outputs = {**_perfect_outputs(BATCH), "heatmap": logits.astype(np.float32)}
+    _, terms = jit_loss(outputs, BATCH)
+    assert BATCH["target_mask"].sum() == np.sum(BATCH["heatmap"] == 1.0) == 5
+    expected = _centernet_focal_loss(logits, BATCH["heatmap"])
+    np.testing.assert_allclose(float(terms["heatmap"]), expected, rtol=1e-5)
+
+
 def test_focal_loss_near_zero_when_perfect_and_larger_when_wrong():
     num_objects = BATCH["target_mask"].sum()
     perfect = _perfect_outputs(BATCH)["heatmap"]

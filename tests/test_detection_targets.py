@@ -1,5 +1,7 @@
 """Tests for jaxcomp.detection.targets and jaxcomp.detection.boxes."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -109,6 +111,102 @@ def test_gaussian_radius_matches_centernet_rule():
     assert gaussian_radius(10.0, 10.0, min_overlap=0.9) < gaussian_radius(10.0, 10.0)
     with pytest.raises(ValueError, match="got 1.5"):
         gaussian_radius(10.0, 10.0, min_overlap=1.5)
+
+
+# CenterNet's target drawing (src/lib/utils/image.py and datasets/sample/ctdet.py),
+# transcribed to NumPy as the reference for encode_targets and gaussian_radius.
+
+
+def _centernet_gaussian_radius(det_size, min_overlap=0.7):
+    height, width = det_size
+    a1 = 1
+    b1 = height + width
+    c1 = width * height * (1 - min_overlap) / (1 + min_overlap)
+    sq1 = np.sqrt(b1**2 - 4 * a1 * c1)
+    r1 = (b1 + sq1) / 2
+    a2 = 4
+    b2 = 2 * (height + width)
+    c2 = (1 - min_overlap) * width * height
+    sq2 = np.sqrt(b2**2 - 4 * a2 * c2)
+    r2 = (b2 + sq2) / 2
+    a3 = 4 * min_overlap
+    b3 = -2 * min_overlap * (height + width)
+    c3 = (min_overlap - 1) * width * height
+    sq3 = np.sqrt(b3**2 - 4 * a3 * c3)
+    r3 = (b3 + sq3) / 2
+    return min(r1, r2, r3)
+
+
+def _centernet_gaussian2d(shape, sigma=1):
+    m, n = [(ss - 1.0) / 2.0 for ss in shape]
+    y, x = np.ogrid[-m : m + 1, -n : n + 1]
+    h = np.exp(-(x * x + y * y) / (2 * sigma * sigma))
+    h[h < np.finfo(h.dtype).eps * h.max()] = 0
+    return h
+
+
+def _centernet_draw_gaussian(heatmap, center, radius):
+    diameter = 2 * radius + 1
+    gaussian = _centernet_gaussian2d((diameter, diameter), sigma=diameter / 6)
+    x, y = int(center[0]), int(center[1])
+    height, width = heatmap.shape[0:2]
+    left, right = min(x, radius), min(width - x, radius + 1)
+    top, bottom = min(y, radius), min(height - y, radius + 1)
+    masked_heatmap = heatmap[y - top : y + bottom, x - left : x + right]
+    masked_gaussian = gaussian[radius - top : radius + bottom, radius - left : radius + right]
+    if min(masked_gaussian.shape) > 0 and min(masked_heatmap.shape) > 0:
+        np.maximum(masked_heatmap, masked_gaussian, out=masked_heatmap)
+    return heatmap
+
+
+def _centernet_heatmap(boxes, labels):
+    """ctdet's heatmap of pixel [ymin, xmin, ymax, xmax] boxes (inside the image)."""
+    heatmap = np.zeros((NUM_CLASSES, GRID, GRID))
+    for box, label in zip(boxes, labels, strict=True):
+        # ctdet's bbox is [x1, y1, x2, y2] in output-grid units.
+        bbox = np.array([box[1], box[0], box[3], box[2]]) / STRIDE
+        h, w = bbox[3] - bbox[1], bbox[2] - bbox[0]
+        radius = max(0, int(_centernet_gaussian_radius((math.ceil(h), math.ceil(w)))))
+        ct = np.array([(bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2], dtype=np.float32)
+        _centernet_draw_gaussian(heatmap[label], ct.astype(np.int32), radius)
+    return heatmap.transpose(1, 2, 0)
+
+
+@pytest.mark.parametrize(
+    "height, width", [(1, 1), (2, 3), (4, 4), (7.5, 3.2), (10, 10), (16, 40), (60, 25), (128, 128)]
+)
+@pytest.mark.parametrize("min_overlap", [0.3, 0.7, 0.9])
+def test_gaussian_radius_equals_centernet_function(height, width, min_overlap):
+    expected = _centernet_gaussian_radius((height, width), min_overlap)
+    assert gaussian_radius(height, width, min_overlap) == pytest.approx(expected, rel=1e-12)
+
+
+def test_heatmap_equals_centernet_drawing():
+    # Radii 0 to 4; boxes on every edge (the Gaussian window is cut there); boxes of one
+    # class that overlap (combined by max); sizes that are not whole cells (rounded up).
+    boxes = np.array(
+        [
+            [0.0, 0.0, 4.0, 4.0],
+            [0.0, 20.0, 10.0, 46.0],
+            [30.0, 0.0, 64.0, 14.0],
+            [0.0, 0.0, 64.0, 64.0],
+            [4.0, 20.0, 52.0, 64.0],
+            [24.0, 22.0, 55.0, 53.0],
+            [5.0, 9.0, 13.0, 19.0],
+            [2.0, 50.0, 9.0, 62.6],
+        ]
+    )
+    labels = np.array([0, 1, 2, 2, 1, 1, 0, 2])
+    heatmap = _encode(boxes, labels, np.ones(len(boxes), bool))["heatmap"]
+    expected = _centernet_heatmap(boxes, labels)
+    radii = [
+        max(0, int(_centernet_gaussian_radius((math.ceil(h), math.ceil(w)))))
+        for h, w in (boxes[:, 2:] - boxes[:, :2]) / STRIDE
+    ]
+    assert sorted(set(radii)) == [0, 1, 2, 3, 4]
+    # Off-peak values matter here: most cells of every window are neither 0 nor 1.
+    assert np.sum((expected > 0) & (expected < 1)) > 100
+    np.testing.assert_allclose(heatmap, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_box_utilities():

@@ -39,6 +39,7 @@ def test_distillation_step_trains_student_and_adapter_leaves_teacher_alone(
     adapter_before = jax.device_get(state.method_params["distill"]["heatmap"]["conv"])
     assert adapter_before["kernel"].shape == (16, 8), "a 1x1 adapter maps 16 to 8 channels"
     teacher_before = jax.device_get(experiment.constants["distill"])
+    student_before = jax.device_get(state.params)
     dataset = training.experiment_train_dataset(experiment)
     losses = []
     for step in range(3):
@@ -65,6 +66,13 @@ def test_distillation_step_trains_student_and_adapter_leaves_teacher_alone(
         np.testing.assert_array_equal(before, after)
     adapter_after = jax.device_get(state.method_params["distill"]["heatmap"]["conv"])
     assert not np.array_equal(adapter_before["kernel"], adapter_after["kernel"])
+    # Every student leaf moved (the teacher's did not, above).
+    changed = jax.tree.map(
+        lambda before, after: not np.array_equal(before, after),
+        student_before,
+        jax.device_get(state.params),
+    )
+    assert all(jax.tree.leaves(changed)), changed
 
 
 def test_missing_teacher_is_an_error_before_any_file_is_written(tiny_config, tmp_path):

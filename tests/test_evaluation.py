@@ -1,11 +1,19 @@
 """Tests for jaxcomp.evaluation (tiny in-memory COCO sets)."""
 
+import contextlib
+import functools
+import io
 import logging
 import math
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
+from jaxcomp import training  # evaluate, eval_step, make_mesh, TrainState
 from jaxcomp.evaluation import METRIC_NAMES, coco_metrics, format_metrics_table
 
 NUM_CLASSES = 3
@@ -148,3 +156,119 @@ def test_format_metrics_table():
     assert lines[0] == "| model | AP | AP50 | AP75 | AP_small | AP_medium | AP_large |"
     assert lines[2] == "| teacher | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 |"
     assert lines[3] == "| student | 30.1 | 50.0 | n/a | n/a | n/a | n/a |"
+
+
+# `evaluate` and `eval_step` end to end on planted model outputs, against pycocotools fed
+# directly. Images are 64x64 (a 16x16 output grid at stride 4), three classes.
+STRIDE, GRID, TOP_K = 4, 16, 4
+
+# Per image: ground truth (box, class) and detections (box, class, score); boxes are
+# pixel [ymin, xmin, ymax, xmax]. Matches at IoUs 0.68, 0.71, 0.84, 0.855, 0.875 and 1
+# (none on one of COCO's thresholds 0.5, 0.55, ..., 0.95), misses and false positives
+# put AP well inside (0, 1).
+PLANTED = {
+    101: {
+        "gt": [([8, 8, 40, 32], 0), ([36, 30, 60, 62], 1)],
+        "det": [([8, 8, 40, 32], 0, 0.9), ([40, 34, 62, 62], 1, 0.8), ([4, 44, 20, 60], 2, 0.85)],
+    },
+    102: {
+        "gt": [([10, 40, 30, 60], 2), ([40, 4, 62, 28], 0)],
+        "det": [([12, 41, 30, 60], 2, 0.7), ([4, 4, 20, 20], 0, 0.6)],
+    },
+    103: {
+        "gt": [([4, 4, 28, 28], 1), ([36, 36, 60, 60], 1), ([40, 4, 56, 20], 2)],
+        "det": [([6, 6, 28, 28], 1, 0.95), ([36, 40, 60, 64], 1, 0.5), ([42, 4, 56, 20], 2, 0.3)],
+    },
+}
+
+
+class _PlantedOutputs(nn.Module):
+    """A detector whose outputs are its input: heatmap logits, then size, then offset."""
+
+    @nn.compact
+    def __call__(self, images, train=False):
+        return {
+            "heatmap": images[..., :NUM_CLASSES],
+            "size": images[..., NUM_CLASSES : NUM_CLASSES + 2],
+            "offset": images[..., NUM_CLASSES + 2 :],
+        }
+
+
+def _planted_outputs(detections) -> np.ndarray:
+    """The [GRID, GRID, C + 4] outputs that decode to `detections` (one per cell, all peaks)."""
+    outputs = np.zeros((GRID, GRID, NUM_CLASSES + 4), np.float32)
+    outputs[..., :NUM_CLASSES] = -1e4  # a score of exactly 0: no detection
+    for box, label, score in detections:
+        box = np.asarray(box, np.float64) / STRIDE
+        centre = (box[:2] + box[2:]) / 2
+        y, x = np.floor(centre).astype(int)
+        outputs[y, x, label] = np.log(score / (1 - score))
+        outputs[y, x, NUM_CLASSES : NUM_CLASSES + 2] = box[2:] - box[:2]
+        outputs[y, x, NUM_CLASSES + 2 :] = centre - (y, x)
+    return outputs
+
+
+def _planted_batches() -> list[dict[str, np.ndarray]]:
+    """Two eval batches of two images; the last is padding that would add a false positive."""
+    ids = [*PLANTED, 104]
+    detections = [PLANTED[image_id]["det"] for image_id in PLANTED] + [PLANTED[101]["det"]]
+    batch = {
+        "image": np.stack([_planted_outputs(rows) for rows in detections]),
+        "boxes": np.zeros((4, 3, 4), np.float32),
+        "labels": np.zeros((4, 3), np.int32),
+        "box_mask": np.zeros((4, 3), bool),
+        "image_id": np.array(ids),
+        "valid": np.array([True, True, True, False]),
+    }
+    for row, image_id in enumerate(PLANTED):
+        for index, (box, label) in enumerate(PLANTED[image_id]["gt"]):
+            batch["boxes"][row, index], batch["labels"][row, index] = box, label
+            batch["box_mask"][row, index] = True
+    return [
+        {name: value[:2] for name, value in batch.items()},
+        {name: value[2:] for name, value in batch.items()},
+    ]
+
+
+def _pycocotools_metrics() -> dict[str, float]:
+    """COCO AP of PLANTED by pycocotools itself, from COCO-format records built here."""
+
+    def xywh(box):
+        return [box[1], box[0], box[3] - box[1], box[2] - box[0]]
+
+    ground_truth = COCO()
+    ground_truth.dataset = {
+        "images": [{"id": image_id} for image_id in PLANTED],
+        "categories": [{"id": label + 1} for label in range(NUM_CLASSES)],
+        "annotations": [
+            {"image_id": image_id, "category_id": label + 1, "bbox": xywh(box), "iscrowd": 0}
+            for image_id, planted in PLANTED.items()
+            for box, label in planted["gt"]
+        ],
+    }
+    for number, annotation in enumerate(ground_truth.dataset["annotations"], start=1):
+        annotation.update(id=number, area=annotation["bbox"][2] * annotation["bbox"][3])
+    results = [
+        {"image_id": image_id, "category_id": label + 1, "bbox": xywh(box), "score": score}
+        for image_id, planted in PLANTED.items()
+        for box, label, score in planted["det"]
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth.createIndex()
+        coco_eval = COCOeval(ground_truth, ground_truth.loadRes(results), "bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return dict(zip(METRIC_NAMES, coco_eval.stats, strict=False))
+
+
+def test_evaluate_of_eval_step_on_planted_outputs_equals_pycocotools():
+    expected = _pycocotools_metrics()
+    assert 0.2 < expected["AP"] < 0.8 and 0.2 < expected["AP75"] < expected["AP50"] < 0.8, expected
+    state = training.TrainState(step=0, params={}, batch_stats={}, opt_state=None)
+    eval_fn = jax.jit(functools.partial(training.eval_step, model=_PlantedOutputs(), top_k=TOP_K))
+    metrics = training.evaluate(
+        eval_fn, state, _planted_batches(), training.make_mesh(), CLASS_NAMES
+    )
+    for name in ("AP", "AP50", "AP75"):
+        assert metrics[name] == pytest.approx(expected[name], abs=1e-9), name

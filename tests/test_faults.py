@@ -2,7 +2,9 @@
 
 The killed runs are real CLI subprocesses (`python -m jaxcomp.main`) on the tiny model
 and dataset; their resumed results are compared leaf by leaf, exactly, with an
-uninterrupted run of the same config.
+uninterrupted CLI run of the same config. A run to be signalled is held at a chosen step
+until the signal is sent, so what the tests assert follows from events (a step logged, a
+checkpoint directory renamed into place), never from how fast the machine is.
 """
 
 import glob
@@ -12,9 +14,9 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -27,6 +29,7 @@ from jaxcomp.config import default_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER_CHANNELS = (("heatmap/hidden", 8),)
 STEPS = 16
+NOBODY = 65534  # the conventional unprivileged user id
 
 
 def _tiny_fields(data_dir: str) -> dict:
@@ -100,6 +103,38 @@ def _config_file(fields: dict, path) -> str:
     return str(path)
 
 
+# The CLI, paused after it logs one step (JAXCOMP_TEST_PAUSE_AT) until a file exists
+# (JAXCOMP_TEST_RESUME): a signal sent while it waits lands at a known step, however fast
+# the machine. It runs `jaxcomp.main` unchanged otherwise.
+_PAUSING_CLI = """import os
+import time
+
+from absl import app
+
+from jaxcomp import main, training
+
+PAUSE_AT = int(os.environ["JAXCOMP_TEST_PAUSE_AT"])
+write = training.MetricsWriter.write
+
+
+def write_then_pause(self, step, scalars):
+    write(self, step, scalars)
+    if step == PAUSE_AT and "total" in scalars:
+        while not os.path.exists(os.environ["JAXCOMP_TEST_RESUME"]):
+            time.sleep(0.01)
+
+
+training.MetricsWriter.write = write_then_pause
+app.run(main.main)
+"""
+
+# Resumed runs are compared bit for bit: every run computes on CPU, whatever the host has.
+_ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+# Generous bounds for a busy 2-core machine (a 90 s run took over 600 s at a load of 14):
+# a run that takes longer is hung, not slow.
+TIMEOUT_SECONDS = 1800
+
+
 def _command(config_file: str, workdir, cache_dir: str) -> list[str]:
     return [
         sys.executable,
@@ -111,13 +146,35 @@ def _command(config_file: str, workdir, cache_dir: str) -> list[str]:
     ]
 
 
-def _start(command, log):
-    """Starts the CLI with its output going to the file `log` (a pipe could fill and block)."""
+def _run_cli(command: list[str]) -> str:
+    """Runs the CLI to its end; returns its output, or fails showing it."""
+    result = subprocess.run(
+        command, cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=TIMEOUT_SECONDS
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _start_paused(command: list[str], log, pause_at: int, resume_file):
+    """Starts the CLI paused after logging step `pause_at`, until `resume_file` exists.
+
+    Its output goes to the file `log` (a pipe could fill and block).
+    """
+    script = log.parent / "pausing_cli.py"
+    script.write_text(_PAUSING_CLI)
+    env = {**_ENV, "JAXCOMP_TEST_PAUSE_AT": str(pause_at), "JAXCOMP_TEST_RESUME": str(resume_file)}
     with open(log, "w") as output:
-        return subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, str(script), *command[3:]],
+            cwd=REPO,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _finalized_steps(workdir) -> list[int]:
+    """Steps whose checkpoint is complete: orbax renames a step's directory into place last."""
     directory = os.path.join(workdir, "checkpoints")
     names = os.listdir(directory) if os.path.isdir(directory) else []
     return sorted(int(name) for name in names if name.isdigit())
@@ -135,15 +192,30 @@ def _logged_step(workdir) -> int:
     return max(steps)
 
 
-def _wait_for(process, condition, what: str, log, timeout: float = 600.0) -> None:
-    deadline = time.time() + timeout
+def _wait_for(process, condition, what: str, log) -> None:
+    """Waits until `condition()` holds; fails if the run ends first or seems hung."""
+    deadline = time.monotonic() + TIMEOUT_SECONDS
     while not condition():
         if process.poll() is not None:
             pytest.fail(
                 f"the run ended (exit {process.returncode}) before {what}:\n{log.read_text()}"
             )
-        assert time.time() < deadline, f"timed out waiting for {what}:\n{log.read_text()[-3000:]}"
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(
+                f"no {what} after {TIMEOUT_SECONDS} s, the run looks hung:\n"
+                f"{log.read_text()[-3000:]}"
+            )
         time.sleep(0.02)
+
+
+def _wait_for_exit(process, log) -> int:
+    """The run's exit status; fails if it does not exit (a hung run)."""
+    try:
+        return process.wait(timeout=TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"the run did not exit within {TIMEOUT_SECONDS} s:\n{log.read_text()[-3000:]}")
 
 
 def _template(config):
@@ -191,14 +263,20 @@ def teacher_workdir(tiny_data_dir, tmp_path_factory):
     return str(workdir)
 
 
-@pytest.fixture(scope="module")
-def plain_reference(tiny_data_dir, tmp_path_factory):
-    """The uninterrupted plain run (in-process): its config fields and final state."""
-    fields = _tiny_fields(tiny_data_dir)
+def _uninterrupted_run(fields: dict, directory, cache_dir: str):
+    """Runs the CLI on `fields` from scratch to its end; returns its final state."""
+    command = _command(_config_file(fields, directory / "config.py"), directory / "run", cache_dir)
+    _run_cli(command)
     config = _config(fields)
-    workdir = tmp_path_factory.mktemp("plain_reference")
-    assert training.train_and_evaluate(config, str(workdir))["step"] == STEPS
-    return fields, _final_state(config, workdir, _template(config))
+    return _final_state(config, directory / "run", _template(config))
+
+
+@pytest.fixture(scope="module")
+def plain_reference(tiny_data_dir, tmp_path_factory, compilation_cache):
+    """The uninterrupted plain run: its config fields and final state."""
+    fields = _tiny_fields(tiny_data_dir)
+    directory = tmp_path_factory.mktemp("plain_reference")
+    return fields, _uninterrupted_run(fields, directory, compilation_cache)
 
 
 def _kill_and_resume(fields, reference, tmp_path, cache_dir, seed: int) -> dict[str, float]:
@@ -208,29 +286,28 @@ def _kill_and_resume(fields, reference, tmp_path, cache_dir, seed: int) -> dict[
     """
     workdir = tmp_path / "killed"
     command = _command(_config_file(fields, tmp_path / "config.py"), workdir, cache_dir)
-    kill_after = int(np.random.default_rng(seed).integers(3, STEPS - 5))
-    process = _start(command, tmp_path / "killed.log")
+    kill_at = int(np.random.default_rng(seed).integers(3, STEPS - 5))
+    log = tmp_path / "killed.log"
+    # Never resumed: the run waits at `kill_at` until it is killed.
+    process = _start_paused(command, log, pause_at=kill_at, resume_file=tmp_path / "never")
     _wait_for(
         process,
-        lambda: _logged_step(workdir) >= kill_after and _finalized_steps(workdir),
-        f"step {kill_after} and a checkpoint",
-        tmp_path / "killed.log",
+        lambda: _logged_step(workdir) == kill_at and _finalized_steps(workdir),
+        f"step {kill_at} and a complete checkpoint",
+        log,
     )
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    killed_at = _logged_step(workdir)
+    process.kill()
+    assert _wait_for_exit(process, log) == -signal.SIGKILL
     saved = _finalized_steps(workdir)
-    assert killed_at < STEPS and saved and max(saved) <= killed_at, (killed_at, saved)
+    assert _logged_step(workdir) == kill_at and max(saved) < kill_at, saved
 
-    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"checkpoint of step {max(saved)} in" in resumed.stdout, resumed.stdout
+    output = _run_cli(command)
+    assert f"checkpoint of step {max(saved)} in" in output, output
     config = _config(fields)
     return _max_abs_difference(_final_state(config, workdir, _template(config)), reference)
 
 
-# ~40 s on 2 busy cores: two CLI starts (imports, cached compiles) and an eval.
+# ~60 s on 2 busy cores: three CLI starts (imports, cached compiles), two evals.
 @pytest.mark.slow
 def test_sigkill_at_random_step_then_resume_equals_uninterrupted_run(
     plain_reference, tmp_path, compilation_cache
@@ -240,15 +317,15 @@ def test_sigkill_at_random_step_then_resume_equals_uninterrupted_run(
     assert differences == dict.fromkeys(differences, 0.0)
 
 
-# ~90 s: the uninterrupted reference runs in-process, plus two CLI starts.
+# ~90 s: three CLI starts, the first compiling the pruned, QAT and distilled step.
 @pytest.mark.slow
 def test_sigkill_of_pruned_qat_distilled_run_then_resume_is_exact(
     tiny_data_dir, teacher_workdir, tmp_path, compilation_cache
 ):
     fields = {**_tiny_fields(tiny_data_dir), **_compressed_fields(teacher_workdir)}
-    config = _config(fields)
-    assert training.train_and_evaluate(config, str(tmp_path / "reference"))["step"] == STEPS
-    reference = _final_state(config, tmp_path / "reference", _template(config))
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    reference = _uninterrupted_run(fields, reference_dir, compilation_cache)
     # Every part of the state a resume must bring back is there to compare.
     masks = jax.tree.leaves(prune.masks_of(reference.opt_state))
     assert masks and not all(np.all(mask) for mask in masks), "no weight was pruned"
@@ -259,6 +336,11 @@ def test_sigkill_of_pruned_qat_distilled_run_then_resume_is_exact(
     assert differences == dict.fromkeys(differences, 0.0)
 
 
+# Each run is held after logging one of these steps, signalled, then let go: the step after
+# it is odd, so its checkpoint (checkpoint_every=2) can only come from the SIGTERM.
+SIGTERM_AFTER = (2, 6, 10)
+
+
 # ~60 s: three SIGTERMs, each followed by a CLI start that resumes.
 @pytest.mark.slow
 def test_repeated_sigterm_saves_last_step_exits_0_and_resume_is_exact(
@@ -267,37 +349,23 @@ def test_repeated_sigterm_saves_last_step_exits_0_and_resume_is_exact(
     fields, reference = plain_reference
     workdir = tmp_path / "preempted"
     command = _command(_config_file(fields, tmp_path / "config.py"), workdir, compilation_cache)
-    seconds_to_checkpoint, seconds_to_exit = [], []
-    for attempt in range(3):
-        log = tmp_path / f"preempted_{attempt}.log"
-        process = _start(command, log)
-        start_step = _logged_step(workdir)
-        _wait_for(process, lambda s=start_step: _logged_step(workdir) >= s + 2, "two steps", log)
-        signalled = time.perf_counter()
+    for attempt, pause_at in enumerate(SIGTERM_AFTER):
+        log, resume_file = tmp_path / f"preempted_{attempt}.log", tmp_path / f"resume_{attempt}"
+        process = _start_paused(command, log, pause_at, resume_file)
+        _wait_for(process, lambda s=pause_at: _logged_step(workdir) == s, f"step {pause_at}", log)
+        assert pause_at + 1 not in _finalized_steps(workdir)
         process.send_signal(signal.SIGTERM)
-        # A step's directory appears (renamed from orbax's tmp dir) once its save is complete.
-        appeared = {step: 0.0 for step in _finalized_steps(workdir)}
-        while process.poll() is None or set(_finalized_steps(workdir)) - set(appeared):
-            for step in set(_finalized_steps(workdir)) - set(appeared):
-                appeared[step] = time.perf_counter() - signalled
-            assert time.perf_counter() - signalled < 120, "no exit after SIGTERM"
-            time.sleep(0.01)
-        seconds_to_exit.append(time.perf_counter() - signalled)
-        output = log.read_text()
-        assert process.returncode == 0, output
-        stopped = _logged_step(workdir)
-        assert stopped < STEPS, "the run finished before the SIGTERM"
-        assert max(appeared) == stopped, "the last finished step is not saved"
-        assert appeared[stopped] > 0, "the stopped step was saved before the SIGTERM"
-        assert f"Stopped at step {stopped}" in output
-        seconds_to_checkpoint.append(appeared[stopped])
-    print(f"SIGTERM to complete checkpoint: {seconds_to_checkpoint} s, to exit {seconds_to_exit} s")
-    finish = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert finish.returncode == 0, finish.stdout + finish.stderr
+        resume_file.touch()
+        assert _wait_for_exit(process, log) == 0, log.read_text()
+        # The step in flight when the signal came is finished, saved, and the run stops.
+        stopped = pause_at + 1
+        assert _logged_step(workdir) == stopped
+        assert max(_finalized_steps(workdir)) == stopped, _finalized_steps(workdir)
+        assert f"Stopped at step {stopped}" in log.read_text()
+    _run_cli(command)
     config = _config(fields)
     differences = _max_abs_difference(_final_state(config, workdir, _template(config)), reference)
     assert differences == dict.fromkeys(differences, 0.0)
-    assert statistics.median(seconds_to_checkpoint) < 30
 
 
 # Damaged checkpoints, in-process and fast: steps 2, 4, 6 of a tiny state, 6 damaged.
@@ -477,9 +545,81 @@ def test_full_disk_is_refused_before_any_compile(saved_steps, tmp_path, compiles
     assert compiles == [] and not workdir.exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
-def test_read_only_parent_is_refused(tmp_path):
-    parent = tmp_path / "read_only"
-    parent.mkdir(mode=0o500)
-    with pytest.raises(PermissionError, match=r"cannot write to workdir .*read_only.* not writ"):
-        training.check_workdir(str(parent / "run"))
+# `check_workdir` directly, root or not: what each refusal names, and that it creates nothing.
+
+
+def test_check_workdir_refuses_a_path_under_a_regular_file(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    workdir = tmp_path / "file" / "runs" / "run"
+    with pytest.raises(
+        NotADirectoryError,
+        match=rf"cannot create workdir '{re.escape(str(workdir))}': "
+        rf"{re.escape(str(tmp_path / 'file'))} is a file, not a directory; pass --workdir",
+    ):
+        training.check_workdir(str(workdir))
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_check_workdir_refuses_a_disk_with_less_free_space_than_required(tmp_path):
+    workdir = tmp_path / "new" / "run"
+    stats = os.statvfs(tmp_path)
+    # More than the disk holds in all, so other writers cannot change the outcome.
+    required = stats.f_blocks * stats.f_frsize + 2**30
+    with pytest.raises(OSError, match=rf"workdir '.*new/run' is full: .* MiB free at {tmp_path}"):
+        training.check_workdir(str(workdir), min_free_bytes=required)
+    training.check_workdir(str(workdir), min_free_bytes=0)
+    assert not (tmp_path / "new").exists()
+
+
+def _error_as_user(uid: int, function) -> str:
+    """Calls `function()` in a forked child running as `uid`; its exception as 'Type: message'.
+
+    Returns '' if it raised nothing.
+    """
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        message = ""
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            function()
+        except Exception as error:  # reported to the parent, which asserts on it
+            message = f"{type(error).__name__}: {error}"
+        finally:
+            # Whatever happened, the child must not return into pytest.
+            os.write(write_end, message.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as reader:
+        message = reader.read()
+    os.waitpid(child, 0)
+    return message
+
+
+# The forked child only drops its user and calls `check_workdir` (no JAX), then exits.
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_check_workdir_refuses_a_directory_the_user_cannot_write(tmp_path):
+    if os.geteuid() != 0:
+        parent = tmp_path / "read_only"
+        parent.mkdir(mode=0o500)
+        with pytest.raises(
+            PermissionError, match=r"cannot write to workdir .*read_only.* not writ"
+        ):
+            training.check_workdir(str(parent / "run"))
+        return
+    # Root may write anywhere: ask as an unprivileged user, in a directory it can reach
+    # (pytest's tmp_path is private to root) but not write.
+    with tempfile.TemporaryDirectory() as base:
+        os.chmod(base, 0o755)
+        parent = os.path.join(base, "read_only")
+        os.mkdir(parent, mode=0o755)
+        message = _error_as_user(
+            NOBODY, lambda: training.check_workdir(os.path.join(parent, "run"))
+        )
+    assert re.fullmatch(
+        rf"PermissionError: cannot write to workdir '{re.escape(parent)}/run': "
+        rf"{re.escape(parent)} is not writable by this user; pass --workdir .*",
+        message,
+    ), message

@@ -12,6 +12,8 @@ from jaxcomp.models import (
     depthwise_conv3x3_shifted,
     resolve_depthwise_impl,
 )
+from jaxcomp.models.centernet import normalize_images
+from jaxcomp.models.mobilenet_v2 import make_divisible
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -82,3 +84,40 @@ def test_bad_inputs_are_clear_errors():
     model = create_model("centernet_tiny", num_classes=3)
     with pytest.raises(ValueError, match="multiples of 32"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 60, 64, 3)))
+
+
+def _torchvision_make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
+    """torchvision's `_make_divisible` (torchvision/models/_utils.py), transcribed."""
+    if min_value is None:
+        min_value = divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    # Make sure that round down does not go down by more than 10%.
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+@pytest.mark.parametrize("divisor", [4, 8, 16])
+def test_make_divisible_equals_torchvision_rule(divisor):
+    # MobileNetV2's channel counts at its usual widths, and a dense sweep with fractions.
+    widths = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+    channels = (16, 24, 32, 64, 96, 160, 320, 1280)
+    values = [c * w for c in channels for w in widths] + list(np.linspace(0.5, 400.0, 2001))
+    got = [make_divisible(value, divisor) for value in values]
+    assert got == [_torchvision_make_divisible(value, divisor) for value in values]
+    # The sweep reaches the 10% rule, not only plain rounding.
+    rounded = [max(divisor, int(v + divisor / 2) // divisor * divisor) for v in values]
+    assert any(r < 0.9 * v for r, v in zip(rounded, values, strict=True))
+
+
+def test_normalize_images_equals_torchvision_to_tensor_and_normalize():
+    # transforms.ToTensor() (x / 255) then transforms.Normalize(mean, std), ImageNet's.
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    values = np.arange(256)
+    # Every value in every channel, in a different order per channel (a swap would show).
+    pixels = np.stack([values, 255 - values, values * 7 % 256], -1).reshape(1, 16, 16, 3)
+    expected = (pixels / 255.0 - mean) / std
+    for images in (pixels.astype(np.uint8), pixels.astype(np.float32)):
+        normalized = normalize_images(jnp.asarray(images))
+        assert normalized.dtype == jnp.float32
+        np.testing.assert_allclose(normalized, expected, rtol=1e-5, atol=1e-6)

@@ -5,11 +5,12 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxcomp import paths
 from jaxcomp.config import default_config, load_config_file, validate_config
+from jaxcomp.prune.transform import prune_end_step
 from jaxcomp.recipe import load_recipe
 
 PARAMS = {
@@ -54,6 +55,8 @@ def test_bad_rules_name_the_rule():
         paths.resolve_rules(PARAMS, [(".*", 1), ".*"])
 
 
+# No deadline: a first call that compiles, or a busy machine, is not a failure.
+@settings(deadline=None)
 @given(st.lists(st.text(alphabet="abcnkt.*/()[]?+", max_size=8), max_size=4))
 def test_rule_parser_gives_first_match_or_a_clear_error(patterns):
     rules = [(pattern, index) for index, pattern in enumerate(patterns)]
@@ -112,6 +115,25 @@ def test_invalid_configs_name_the_field(field, value, message):
     config[section][name] = value
     with pytest.raises(ValueError, match=message):
         validate_config(config, device_count=4)
+
+
+@pytest.mark.parametrize(
+    "steps, begin_step, end_step, expected",
+    [
+        (1000, 0, None, 750),  # three quarters of training, leaving a quarter to fine-tune
+        (10, 0, None, 7),  # rounded down
+        (1000, 800, None, 801),  # a late start still prunes, over one step
+        (1000, 0, 40, 40),  # an explicit end is kept
+    ],
+)
+def test_prune_end_step_defaults_to_three_quarters_of_training(
+    steps, begin_step, end_step, expected
+):
+    config = default_config()
+    config.train.steps = steps
+    config.prune.begin_step = begin_step
+    config.prune.end_step = end_step
+    assert prune_end_step(config) == expected
 
 
 def test_recipe_configs_reject_unknown_stages():

@@ -1,11 +1,20 @@
 """Int8 QAT and PTQ in the real training run, alone and composed with pruning."""
 
+import functools
+import itertools
+
 import jax
 import numpy as np
 import pytest
 
 from jaxcomp import methods, paths, prune, quant, training
-from jaxcomp.config import validate_config
+from jaxcomp.config import default_config, validate_config
+from jaxcomp.data import pipeline
+from jaxcomp.models import create_model
+
+
+def _observers(state):
+    return state.methods["quant"][quant.QUANT_STATS]
 
 
 def _restore(config, workdir, step=None):
@@ -14,10 +23,6 @@ def _restore(config, workdir, step=None):
     manager = training.checkpoint_manager(str(workdir), config.train)
     step = manager.latest_step() if step is None else step
     return experiment, jax.device_get(training.restore_checkpoint(manager, step, template))
-
-
-def _observers(state):
-    return state.methods["quant"][quant.QUANT_STATS]
 
 
 def test_pruned_qat_run_keeps_zeros_through_quantization_and_serves_int8(tiny_config, tmp_path):
@@ -32,9 +37,8 @@ def test_pruned_qat_run_keeps_zeros_through_quantization_and_serves_int8(tiny_co
     result = training.train_and_evaluate(config, str(tmp_path))
     summary = result["compression"]
     assert set(summary) >= {"model", "int8"}
-    # The int8 serving path decodes the same detections as fake quant, to within 0.2 AP.
-    assert abs(summary["int8"]["AP"] - summary["model"]["AP"]) <= 0.002
-    assert abs(summary["int8"]["AP50"] - summary["model"]["AP50"]) <= 0.002
+    # After 6 steps AP is ~0 on either path, so the two paths are compared on their
+    # outputs instead (test_int8_serving_path_gives_the_outputs_and_detections_of_fake_quant).
     assert summary["int8"]["bytes_raw"] < summary["model"]["bytes_raw"] / 2
 
     experiment, final = _restore(config, tmp_path)
@@ -54,7 +58,7 @@ def test_pruned_qat_run_keeps_zeros_through_quantization_and_serves_int8(tiny_co
             jax.tree.leaves(frozen(final)),
             strict=True,
         ):
-            np.testing.assert_array_equal(before, after)
+            np.testing.assert_array_equal(before, after, err_msg=str(frozen))
     assert any(
         not np.array_equal(before, after)
         for before, after in zip(
@@ -105,6 +109,133 @@ def test_ptq_calibrates_without_changing_the_weights(
         if name.endswith("count")
     }
     assert counts == {3}
+
+
+def _images(builder, split: str, batches: int) -> list[np.ndarray]:
+    source = builder.as_data_source(split)
+    num_classes = pipeline.num_classes(builder)
+    batch_iterator = pipeline.eval_batches(
+        source, image_size=64, batch_size=16, max_objects=8, num_classes=num_classes
+    )
+    return [batch["image"] for batch in itertools.islice(batch_iterator, batches)]
+
+
+def _with_spread_heads(params: dict, key: jax.Array) -> dict:
+    """The heads' output kernels re-drawn at the fan-in scale of the other layers.
+
+    They start at normal(0.01) (CenterNet's init), so their outputs barely vary; the
+    size head's bias is raised so that the decoded boxes have an extent.
+    """
+    params = jax.tree.map(np.asarray, params)
+    for index, head in enumerate(("heatmap", "size", "offset")):
+        kernel = params[head]["out"]["kernel"]
+        scale = np.sqrt(2.0 / kernel.shape[-2])
+        params[head]["out"]["kernel"] = scale * jax.random.normal(
+            jax.random.fold_in(key, index), kernel.shape
+        )
+    params["size"]["out"]["bias"] = np.full_like(params["size"]["out"]["bias"], 4.0)
+    return params
+
+
+def _output_steps(int8_tree: dict, params: dict) -> dict[str, np.ndarray]:
+    """What one quantization step of the last quantized layer is worth in each head's output.
+
+    The size and offset outputs come from int8 layers: one step is input_scale *
+    kernel_scale. The heatmap's output layer stays float, so one step of each of its
+    (int8) hidden conv's channels, carried through the float output kernel.
+    """
+    layers = int8_tree["int8"]
+    steps = {
+        head: np.asarray(layers[head]["out"]["input_scale"] * layers[head]["out"]["kernel_scale"])
+        for head in ("size", "offset")
+    }
+    hidden = layers["heatmap"]["conv"]
+    hidden_step = np.asarray(hidden["input_scale"] * hidden["kernel_scale"]).reshape(-1)
+    kernel = np.asarray(params["heatmap"]["out"]["kernel"])
+    steps["heatmap"] = np.abs(kernel.reshape(len(hidden_step), -1)).T @ hidden_step
+    return steps
+
+
+def _matched(detections: dict, other: dict, image: int, count: int) -> bool:
+    """Whether `detections`' best `count` on `image` are among all of `other`'s, same class,
+    boxes within a pixel and scores within 0.01."""
+    for index in range(count):
+        same = (other["classes"][image] == detections["classes"][image, index]) & (
+            np.abs(other["boxes"][image] - detections["boxes"][image, index]).max(-1) < 1.0
+        )
+        close = np.abs(other["scores"][image] - detections["scores"][image, index]) < 0.01
+        if not np.any(same & close):
+            return False
+    return True
+
+
+def test_int8_serving_path_gives_the_outputs_and_detections_of_fake_quant(tiny_data_dir):
+    builder = pipeline.get_builder("jaxcomp_embedded/tiny", data_dir=tiny_data_dir)
+    model = create_model(
+        "centernet_tiny", num_classes=pipeline.num_classes(builder), depthwise_impl="grouped"
+    )
+    images = _images(builder, "test", 1)[0]
+    variables = jax.jit(model.init)(jax.random.key(0), images)
+    variables = {**variables, "params": _with_spread_heads(variables["params"], jax.random.key(1))}
+    config = default_config()
+    config.quant.mode = "ptq"
+    # The detector's rules, as training uses them.
+    quant_config = quant.quant_config_of(config.quant, methods.default_quant_rules())
+    quant_stats = quant.calibrate(
+        model.apply, variables, _images(builder, "train", 2), quant_config, train=False
+    )
+    int8_tree = quant.convert_to_int8(
+        variables["params"], variables["batch_stats"], quant_stats, quant_config
+    )
+
+    float_outputs = jax.jit(functools.partial(model.apply, train=False))(variables, images)
+    fake_quant = jax.jit(
+        lambda v, x: quant.quantized_apply(
+            model.apply, v, x, config=quant_config, mode="eval", train=False
+        )
+    )({**variables, "quant_stats": quant_stats}, images)
+    served = jax.jit(
+        lambda tree, x: quant.int8_apply(model, tree, x, config=quant_config, train=False)
+    )(int8_tree, images)
+    steps = _output_steps(int8_tree, variables["params"])
+    for head, step in steps.items():
+        expected, actual = np.asarray(fake_quant[head]), np.asarray(served[head])
+        difference = np.abs(actual - expected)
+        # Quantization is active: the float model is far from fake quant; int8 is not.
+        assert difference.mean() < 1e-2 * np.abs(np.asarray(float_outputs[head]) - expected).mean()
+        # Within one step, except where a tie in some earlier layer's rounding went the
+        # other way (float32 sums vs exact int32 sums) and shifted what follows it.
+        assert np.mean(difference <= step) > 0.99, head
+        assert difference.max() < 0.1 * expected.std(), head
+
+    state = training.TrainState(
+        step=0,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=None,
+        methods={"quant": {quant.QUANT_STATS: quant_stats}},
+    )
+    method = (("quant", quant.ptq(model, 64, quant_config)),)
+    fake_quant_step = jax.jit(
+        functools.partial(training.eval_step, model=model, methods=method, top_k=20)
+    )
+    int8_step = jax.jit(
+        functools.partial(
+            training.steps.export_eval_step,
+            apply=lambda tree, x: quant.int8_apply(
+                model, tree, x, config=quant_config, train=False
+            ),
+            top_k=20,
+        )
+    )
+    detected = jax.device_get(fake_quant_step(state, images))
+    served_detections = jax.device_get(int8_step(int8_tree, images))
+    # Most boxes have an extent (measured 88% over 4 px): not a comparison of empty boxes.
+    extents = detected["boxes"][..., 2:] - detected["boxes"][..., :2]
+    assert np.mean(extents > 4.0) > 0.75
+    for image in range(len(images)):
+        assert _matched(detected, served_detections, image, count=10), image
+        assert _matched(served_detections, detected, image, count=10), image
 
 
 @pytest.mark.parametrize(

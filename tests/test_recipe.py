@@ -78,9 +78,10 @@ def test_recipe_chains_stages_and_writes_table_and_plots(tiny_data_dir, tmp_path
     assert json.load(open(os.path.join(results, "results.json"))) == json.loads(json.dumps(rows))
     for plot in ("ap_vs_bytes.png", "ap_vs_sparsity.png", "training_curves.png"):
         assert os.path.getsize(os.path.join(results, plot)) > 5000, plot
-    # Run again, a finished stage is re-evaluated (and re-exported), not trained again.
+    # Run again, a finished stage is re-evaluated (and re-exported), not trained again: the
+    # same pruned weights (AP, ~0 after 2 steps, could not tell a fresh model apart).
     again = recipe.run_recipe(str(config_file), workdir, stages=["int8"])
-    assert again[0]["steps"] == 2 and again[0]["AP"] == int8["AP"]
+    assert again[0]["steps"] == 2 and again[0]["nonzeros"] == int8["nonzeros"]
     # The teacher's row, not run this time, stays in the table.
     table = json.load(open(os.path.join(workdir, "recipe.json")))
     assert [row["stage"] for row in table] == ["teacher", "int8"]

@@ -238,7 +238,7 @@ def channel_groups(variables: Mapping[str, Any]) -> dict[str, list[tuple[str, in
       (e.g. 'params/backbone/block_1/expand/conv/kernel').
 
     Example:
-      >>> groups = channel_groups(model.init(key, images))
+      >>> groups = channel_groups(jax.eval_shape(model.init, key, images))  # shapes suffice
       >>> groups["heatmap/hidden"][0]
       ('params/heatmap/conv/kernel', -1)
     """

@@ -115,7 +115,6 @@ def compression_summary(
         int(state.step),
         training=False,
     )
-    replicated = NamedSharding(experiment.mesh, PartitionSpec())
     inputs = transforms.ExportInputs(variables, state.opt_state)
     for name, transform in experiment.methods:
         for form, export in transform.export(views[name], inputs).items():
@@ -125,6 +124,7 @@ def compression_summary(
             else:
                 row = export_report(export.model, export.tree, size, directory)
             eval_step = jit_eval_step(None, config.eval.top_k, experiment.mesh, apply=export.apply)
+            replicated = NamedSharding(experiment.mesh, PartitionSpec())
             form_metrics = evaluate_experiment(
                 experiment, jax.device_put(export.tree, replicated), eval_step
             )

@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs
 
-.PHONY: demo results test test-slow test-all bench lint format clean
+.PHONY: demo results test test-slow test-all bench export lint format clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "jaxcomp needs Python >= 3.11, but $(PYTHON) is " + sys.version.split()[0] + "; run make PYTHON=python3.11 ...")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,export]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -39,6 +39,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/quant.py
 	$(BIN)/python benchmarks/distill.py
 	$(BIN)/python benchmarks/huge_pages.py
+	$(BIN)/python benchmarks/latency.py
+
+# The demo's int8 model (of `make demo`) as an ONNX QDQ graph, checked in ONNX Runtime.
+export: $(STAMP)
+	$(BIN)/python -m jaxcomp.export --workdir=$(WORKDIR)/demo/int8 --format=onnx --int8 --check_map
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,1 @@
+"""Deployment exports of trained detectors (ONNX, float and int8 QDQ)."""

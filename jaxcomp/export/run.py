@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from jaxcomp import compress, prune, quant
+from jaxcomp import methods, prune, quant
 from jaxcomp.models import channel_groups, create_model
 
 
@@ -143,8 +143,14 @@ def _restore(workdir: str, step: int) -> dict[str, Any]:
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), stored
         )
         restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    # QAT and PTQ keep their observers in the quantization method's state.
+    observers = (restored.get("methods") or {}).get("quant", {}).get(quant.QUANT_STATS)
     return jax.device_get(
-        {name: restored.get(name) for name in ("params", "batch_stats", "quant_stats")}
+        {
+            "params": restored["params"],
+            "batch_stats": restored["batch_stats"],
+            "quant_stats": observers,
+        }
     )
 
 
@@ -189,8 +195,16 @@ def load_run(workdir: str) -> FinishedRun:
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     # The heatmap's output channels are the classes: no dataset needed to export.
     num_classes = int(variables["params"]["heatmap"]["out"]["kernel"].shape[-1])
-    quant_config = compress.make_quant_config(config)
+    quant_config = None
+    if config.quant.mode != "none":
+        quant_config = quant.quant_config_of(config.quant, methods.default_quant_rules())
     quant_stats = state.get("quant_stats")
+    if config.quant.mode == "lsq":
+        raise ValueError(
+            f"the run in {workdir} learned its int8 step sizes (config.quant.mode='lsq'); the "
+            "ONNX export reads observer ranges (QAT, PTQ) only. Its int8 tree, with the "
+            f"learned steps, is in {workdir}/export/int8"
+        )
     if quant_config is not None and quant_stats is None:
         raise ValueError(
             f"the run in {workdir} has config.quant.mode={config.quant.mode!r} but its "

@@ -1,4 +1,4 @@
-r"""Inference latency on this CPU: jaxcomp (float, int8 serving path) and ONNX Runtime (float, int8 QDQ).
+r"""Inference latency on this CPU: jaxcomp float and int8, ONNX Runtime float and QDQ int8.
 
 Run:
   make bench     # runs this after the other benchmarks
@@ -129,7 +129,7 @@ def main(argv):
             rng = np.random.default_rng(batch_size)
             images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8)
 
-            def onnx_runner(kind, images=images):
+            def onnx_runner(kind, images=images, sessions=sessions):
                 def run():
                     start = time.perf_counter()
                     check.run_session(sessions[kind], images)

@@ -54,7 +54,7 @@ def main(argv):
     model = create_model(FLAGS.model, num_classes=NUM_CLASSES)
     optimizer = training.make_optimizer(config.optim, 1000)
     loss_weights = dict(config.loss)
-    qat = (("quant", quant.qat(model, FLAGS.image_size, quant_config)),)
+    qat = (("quant", quant.transform.qat(model, FLAGS.image_size, quant_config)),)
 
     states, steps = {}, {}
     for name, method, phase in (

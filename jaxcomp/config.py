@@ -280,8 +280,6 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
 
 
 def _validate_distill(config: ml_collections.ConfigDict) -> None:
-    from jaxcomp.distill import LOSSES
-
     settings = config.distill
     if not settings.teacher:
         return
@@ -295,17 +293,19 @@ def _validate_distill(config: ml_collections.ConfigDict) -> None:
         "config.quant.mode='ptq' takes no gradient steps, so there is nothing to distil; "
         "set config.distill.teacher='' or use config.quant.mode='qat'",
     )
-    for field in ("heatmap_loss", "regression_loss", "feature_loss"):
-        _require(
-            settings[field] in LOSSES,
-            f"config.distill.{field}={settings[field]!r}; use one of {sorted(LOSSES)} (or "
-            "register a loss in jaxcomp.distill.LOSSES)",
-        )
     _require(
         all(isinstance(pair, tuple | list) and len(pair) == 2 for pair in settings.feature_layers),
         f"config.distill.feature_layers={settings.feature_layers!r} must be ((module path, "
         "weight), ...), e.g. (('neck', 1.0),)",
     )
+    # The values (temperatures, weights, choices) as the distillation method checks them,
+    # so that validating a config catches them too.
+    from jaxcomp.detection.distill import spec_of
+
+    try:
+        spec_of(config)
+    except ValueError as error:
+        raise ValueError(f"invalid config: config.distill: {error}") from None
 
 
 def _validate_methods(config: ml_collections.ConfigDict) -> None:

@@ -156,7 +156,8 @@ CONFIG_CASES = [
         "ValueError listing the scores",
         _set(prune__score="taylor"),
         ValueError,
-        r"config\.prune\.score='taylor'; use one of \('magnitude', 'random', 'saliency'\)",
+        r"config\.prune\.score='taylor'; use one of "
+        r"\('magnitude', 'random', 'saliency', 'movement'\)",
     ),
     Refused(
         "prune_schedule_unknown",
@@ -196,7 +197,7 @@ CONFIG_CASES = [
         "ValueError listing the modes",
         _set(quant__mode="int4"),
         ValueError,
-        r"config\.quant\.mode='int4'; use one of \('none', 'ptq', 'qat'\)",
+        r"config\.quant\.mode='int4'; use one of \('none', 'ptq', 'qat', 'lsq'\)",
     ),
     Refused(
         "quant_bits_out_of_range",
@@ -399,7 +400,8 @@ TRANSFORM_CASES = [
         "ValueError listing the scores",
         lambda: prune.make_pruner(0.5, prune.one_shot_schedule(0.5), score="taylor"),
         ValueError,
-        r"unknown score 'taylor'; valid scores are \['magnitude', 'random', 'saliency'\]",
+        r"unknown score 'taylor'; valid scores are "
+        r"\['magnitude', 'movement', 'random', 'saliency'\]",
     ),
     Refused(
         "nm_axis_not_divisible",

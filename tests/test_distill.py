@@ -176,7 +176,8 @@ def test_detector_distillation_loss_terms_zero_for_equal_outputs_and_weighted_su
     features = _random(20, (2, 8, 8, 4))
     spec = DistillSpec(regression_at="gt_centers", heatmap_weighting="foreground")
     teacher = _outputs(0)
-    total, terms = distillation_loss(teacher, teacher, batch, spec, features, features)
+    neck = {"neck": features}  # the default spec compares the neck's map
+    total, terms = distillation_loss(teacher, teacher, batch, spec, neck, neck)
     assert sorted(terms) == [
         "distill_feature",
         "distill_heatmap",
@@ -185,7 +186,7 @@ def test_detector_distillation_loss_terms_zero_for_equal_outputs_and_weighted_su
     ]
     assert abs(float(total)) < 1e-5
     student = _outputs(10)
-    total, terms = distillation_loss(student, teacher, batch, spec, features + 1.0, features)
+    total, terms = distillation_loss(student, teacher, batch, spec, {"neck": features + 1.0}, neck)
     expected = (
         terms["distill_heatmap"]
         + 0.1 * terms["distill_size"]

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from conftest import tiny_config_for
 
-from jaxcomp import quant, train
+from jaxcomp import quant, training
 from jaxcomp.detection import decode_detections
 from jaxcomp.export import check
 from jaxcomp.export.onnx import export_run as export_run_to
@@ -36,7 +36,7 @@ def qat_run(tiny_data_dir, test_images, tmp_path_factory):
     config = tiny_config_for(tiny_data_dir)
     config.quant.mode = "qat"
     workdir = str(tmp_path_factory.mktemp("qat_run"))
-    train.train_and_evaluate(config, workdir)
+    training.train_and_evaluate(config, workdir)
     return workdir, test_images
 
 
@@ -175,7 +175,7 @@ def test_channel_pruned_run_exports_shrunk_float_and_int8(tiny_data_dir, test_im
     config.prune.schedule = "one_shot"
     config.quant.mode = "qat"
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
+    training.train_and_evaluate(config, workdir)
     images = test_images[:8]
     exported = export_run(workdir, tmp_path, raw_heads=True)
     run = exported.run

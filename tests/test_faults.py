@@ -67,7 +67,25 @@ def _compressed_fields(teacher_workdir: str) -> dict:
         "distill.teacher_model": "centernet_tiny",
         "distill.teacher_channels": TEACHER_CHANNELS,
         "distill.temperature": 2.0,
-        "distill.feature_layers": "(('heatmap/conv', 1.0),)",
+        "distill.feature_layers": (("heatmap/conv", 1.0),),
+    }
+
+
+def _protocol_fields(teacher_workdir: str) -> dict:
+    """The methods written on the protocol: movement pruning (scores in its state), LSQ
+    (learned steps, first-batch zero points) and distillation from two layers."""
+    return {
+        "prune.method": "unstructured",
+        "prune.score": "movement",
+        "prune.sparsity": 0.5,
+        "prune.begin_step": 1,
+        "prune.end_step": 12,
+        "prune.frequency": 2,
+        "quant.mode": "lsq",
+        "distill.teacher": teacher_workdir,
+        "distill.teacher_model": "centernet_tiny",
+        "distill.teacher_channels": TEACHER_CHANNELS,
+        "distill.feature_layers": (("heatmap/conv", 0.5), ("neck", 1.0)),
     }
 
 
@@ -333,6 +351,24 @@ def test_sigkill_of_pruned_qat_distilled_run_then_resume_is_exact(
     assert jax.tree.leaves(observers) and jax.tree.leaves(reference.method_params["distill"])
     assert any(name.endswith("count") for name in paths.leaf_names(observers))
     differences = _kill_and_resume(fields, reference, tmp_path, compilation_cache, seed=1)
+    assert differences == dict.fromkeys(differences, 0.0)
+
+
+# ~90 s, as the test above, for the methods written on the protocol.
+@pytest.mark.slow
+def test_sigkill_of_movement_lsq_two_layer_distilled_run_then_resume_is_exact(
+    tiny_data_dir, teacher_workdir, tmp_path, compilation_cache
+):
+    fields = {**_tiny_fields(tiny_data_dir), **_protocol_fields(teacher_workdir)}
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    reference = _uninterrupted_run(fields, reference_dir, compilation_cache)
+    scores = jax.tree.leaves(reference.methods["prune"]["scores"])
+    assert any(np.any(leaf != 0) for leaf in scores), "no movement was accumulated"
+    assert bool(reference.methods["quant"]["initialized"])
+    assert jax.tree.leaves(reference.method_params["quant"])
+    assert jax.tree.leaves(reference.method_params["distill"])
+    differences = _kill_and_resume(fields, reference, tmp_path, compilation_cache, seed=2)
     assert differences == dict.fromkeys(differences, 0.0)
 
 

@@ -327,7 +327,7 @@ def test_apply_masks_names_the_first_leaf_that_does_not_fit():
 
 
 def test_scores_registry_and_errors():
-    assert set(SCORES) == {"magnitude", "random", "saliency"}
+    assert set(SCORES) == {"magnitude", "random", "saliency", "movement"}
     with pytest.raises(ValueError, match="unknown score 'fisher'.*'magnitude'"):
         get_score("fisher")
     with pytest.raises(ValueError, match="needs a PRNG key; pass key= to init"):

@@ -215,7 +215,7 @@ def test_int8_serving_path_gives_the_outputs_and_detections_of_fake_quant(tiny_d
         opt_state=None,
         methods={"quant": {quant.QUANT_STATS: quant_stats}},
     )
-    method = (("quant", quant.ptq(model, 64, quant_config)),)
+    method = (("quant", quant.transform.ptq(model, 64, quant_config)),)
     fake_quant_step = jax.jit(
         functools.partial(training.eval_step, model=model, methods=method, top_k=20)
     )

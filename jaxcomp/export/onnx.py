@@ -835,8 +835,10 @@ def export_run(
         does not know.
 
     Example:
-      >>> exported = export_run("workdirs/demo/int8", int8=True)
-      >>> exported.path, exported.size_bytes
+      After `make demo` (its finished int8 stage):
+
+          exported = export_run("workdirs/demo/int8", int8=True)
+          print(exported.path, exported.size_bytes)
     """
     config = read_config(workdir)
     size = int(config.data.image_size) if image_size is None else image_size

@@ -186,8 +186,10 @@ def load_run(workdir: str) -> FinishedRun:
       ValueError: the run did not finish, or its checkpoint is not a jaxcomp one.
 
     Example:
-      >>> run = load_run("workdirs/demo/int8")
-      >>> tree = run.int8_tree()
+      After `make demo` (its finished int8 stage):
+
+          run = load_run("workdirs/demo/int8")
+          tree = run.int8_tree()
     """
     config = read_config(workdir)
     step = final_step(workdir, config)

@@ -41,13 +41,11 @@ from jaxcomp.quant.qat import (
     quantized_layers,
 )
 from jaxcomp.quant.settings import quant_config_of
-from jaxcomp.quant.transform import FROZEN_BATCH_NORM, QUANT_MODES, ptq, qat
+from jaxcomp.quant.transform import FROZEN_BATCH_NORM, QUANT_MODES
 
 __all__ = [
     "FROZEN_BATCH_NORM",
     "QUANT_MODES",
-    "ptq",
-    "qat",
     "quant_config_of",
     "OBSERVERS",
     "MODES",

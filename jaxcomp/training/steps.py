@@ -125,8 +125,8 @@ def eval_step(
     images: jax.Array,
     *,
     model: nn.Module,
-    methods: transforms.Methods,
     top_k: int,
+    methods: transforms.Methods = (),
 ):
     """Runs the detector in inference mode, as the methods change it, and decodes top-k."""
     views = transforms.views(

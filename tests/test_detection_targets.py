@@ -183,7 +183,8 @@ def test_gaussian_radius_equals_centernet_function(height, width, min_overlap):
 
 def test_heatmap_equals_centernet_drawing():
     # Radii 0 to 4; boxes on every edge (the Gaussian window is cut there); boxes of one
-    # class that overlap (combined by max); sizes that are not whole cells (rounded up).
+    # class that overlap (combined by max); sizes that are not whole cells (rounded up:
+    # the last box, 7.1 cells, gets radius 2 rather than the 1.94 of its exact size).
     boxes = np.array(
         [
             [0.0, 0.0, 4.0, 4.0],
@@ -194,9 +195,10 @@ def test_heatmap_equals_centernet_drawing():
             [24.0, 22.0, 55.0, 53.0],
             [5.0, 9.0, 13.0, 19.0],
             [2.0, 50.0, 9.0, 62.6],
+            [34.0, 2.0, 62.4, 30.4],
         ]
     )
-    labels = np.array([0, 1, 2, 2, 1, 1, 0, 2])
+    labels = np.array([0, 1, 2, 2, 1, 1, 0, 2, 0])
     heatmap = _encode(boxes, labels, np.ones(len(boxes), bool))["heatmap"]
     expected = _centernet_heatmap(boxes, labels)
     radii = [

@@ -19,8 +19,8 @@ ONNX nodes (NCHW): `CenterNet`, `MobileNetV2`, `InvertedResidual`,
 module of another class, or a module call no emitter used, is refused by name.
 The widths come from the recorded calls, so channel-shrunk models export as
 they are; pruned zeros stay zeros in dense kernels. (The module is longer than
-jaxcomp's usual 600 lines because the emitters of the float and QDQ graphs share
-their per-layer node builders; split, each half would import the other's.)
+jaxcomp's usual 600 lines: the float and QDQ graphs are one walk over the recorded
+calls with one emitter per module class, kept together.)
 
 The int8 graph is jaxcomp's int8 serving path (`jaxcomp.quant.int8_apply`)
 written as QDQ: the input of each quantized layer goes through

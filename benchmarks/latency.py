@@ -1,4 +1,4 @@
-r"""Inference latency on this CPU: jaxcomp float and int8, ONNX Runtime float and QDQ int8.
+r"""Inference latency on this CPU: jaxcomp and ONNX Runtime, float and int8.
 
 Run:
   make bench     # runs this after the other benchmarks
@@ -31,7 +31,7 @@ import time
 import jax
 import numpy as np
 import onnxruntime as ort
-from absl import app, flags
+from absl import app, flags, logging
 from common import NUM_CLASSES, alternate, median_ms, paired_ratio, seconds
 
 from jaxcomp import compress, quant
@@ -96,6 +96,9 @@ def _random_student():
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:
+        # JAX, orbax and TFDS log their start-up at INFO.
+        logging.set_verbosity(logging.WARNING)
     if FLAGS.workdir:
         run = load_run(FLAGS.workdir)
         model, variables, quant_config = run.model, run.variables, run.quant_config
@@ -129,10 +132,10 @@ def main(argv):
             rng = np.random.default_rng(batch_size)
             images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8)
 
-            def onnx_runner(kind, images=images, sessions=sessions):
+            def onnx_runner(session, images=images):
                 def run():
                     start = time.perf_counter()
-                    check.run_session(sessions[kind], images)
+                    check.run_session(session, images)
                     return time.perf_counter() - start
 
                 return run
@@ -140,8 +143,8 @@ def main(argv):
             runners = {
                 "jaxcomp_float": lambda images=images: seconds(jaxcomp_float, variables, images),
                 "jaxcomp_int8": lambda images=images: seconds(jaxcomp_int8, int8_tree, images),
-                "onnxruntime_float": onnx_runner("float"),
-                "onnxruntime_int8": onnx_runner("int8"),
+                "onnxruntime_float": onnx_runner(sessions["float"]),
+                "onnxruntime_int8": onnx_runner(sessions["int8"]),
             }
             times = alternate(runners, FLAGS.repeats)
             row = {
@@ -187,7 +190,7 @@ def main(argv):
     )
     print(
         "| input | batch | jaxcomp float ms | jaxcomp int8 ms | ORT float ms | ORT int8 (QDQ) ms "
-        "| ORT int8 / ORT float |\n|---|---:|---:|---:|---:|---:|---:|"
+        "| ORT int8 / ORT float (median of paired ratios) |\n|---|---:|---:|---:|---:|---:|---:|"
     )
     for row in rows:
         print(

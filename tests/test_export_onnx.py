@@ -40,6 +40,10 @@ def qat_run(tiny_data_dir, test_images, tmp_path_factory):
     return workdir, test_images
 
 
+def _float_forward(model, variables, images):
+    return jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+
+
 def export_run(workdir, tmp_path, **kwargs):
     return export_run_to(workdir, output=str(tmp_path / "model.onnx"), **kwargs)
 
@@ -49,7 +53,7 @@ def test_float_export_matches_the_float_forward(qat_run, tmp_path):
     exported = export_run(workdir, tmp_path, raw_heads=True)
     assert exported.size_bytes == os.path.getsize(tmp_path / "model.onnx") > 0
     run = exported.run
-    reference = run.model.apply(run.variables, images, train=False)
+    reference = _float_forward(run.model, run.variables, images)
     outputs = check.run_session(check.make_session(str(tmp_path / "model.onnx")), images)
     for head in ("heatmap", "size", "offset"):
         np.testing.assert_allclose(outputs[head], reference[head], rtol=1e-5, atol=1e-5)
@@ -59,7 +63,7 @@ def test_float_export_decodes_the_same_detections(qat_run, tmp_path):
     workdir, images = qat_run
     exported = export_run(workdir, tmp_path, top_k=20)
     run = exported.run
-    reference = decode_detections(run.model.apply(run.variables, images, train=False), k=20)
+    reference = decode_detections(_float_forward(run.model, run.variables, images), k=20)
     outputs = check.run_session(check.make_session(exported.proto), images)
     assert outputs["classes"].dtype == np.int32
     np.testing.assert_array_equal(outputs["classes"], reference["classes"])
@@ -167,6 +171,9 @@ def test_int8_map_in_onnxruntime_is_within_0_2_ap_of_the_serving_path(qat_run, t
     assert max(result["integer_kernels"]["code_difference"].values()) <= 1
 
 
+# Trains a second run (a channel-pruned QAT run): the shrunk export itself is tested fast by
+# test_channel_shrunk_model_with_pruned_zeros_exports, the shrink by tests/test_shrink.py.
+@pytest.mark.slow
 def test_channel_pruned_run_exports_shrunk_float_and_int8(tiny_data_dir, test_images, tmp_path):
     """A channel-pruned QAT run exports without its zero channels, in float and in int8."""
     config = tiny_config_for(tiny_data_dir)
@@ -180,7 +187,7 @@ def test_channel_pruned_run_exports_shrunk_float_and_int8(tiny_data_dir, test_im
     exported = export_run(workdir, tmp_path, raw_heads=True)
     run = exported.run
     assert run.shrunk_widths and run.shrunk_widths["size/hidden"] == 8  # half of 16
-    reference = run.model.apply(run.variables, images, train=False)
+    reference = _float_forward(run.model, run.variables, images)
     outputs = check.run_session(check.make_session(exported.proto), images)
     for head in ("heatmap", "size", "offset"):
         np.testing.assert_allclose(outputs[head], reference[head], rtol=1e-4, atol=1e-4)
@@ -230,7 +237,7 @@ def test_channel_shrunk_model_with_pruned_zeros_exports(test_images):
     pruned = kernel * (jnp.abs(kernel) > jnp.median(jnp.abs(kernel)))
     variables["params"]["backbone"]["block_3"]["expand"]["conv"]["kernel"] = pruned
     proto = float_onnx(model, variables, image_size=64, raw_heads=True)
-    reference = model.apply(variables, images, train=False)
+    reference = _float_forward(model, variables, images)
     outputs = check.run_session(check.make_session(proto), images)
     for head in ("heatmap", "size", "offset"):
         np.testing.assert_allclose(outputs[head], reference[head], rtol=1e-4, atol=1e-4)
@@ -327,7 +334,7 @@ def test_refuses_a_layer_type_it_does_not_know():
         float_onnx(model, variables, image_size=32)
 
 
-def test_command_line_exports_and_checks(qat_run, tmp_path):
+def test_command_line_exports(qat_run, tmp_path):
     workdir, _ = qat_run
     output = tmp_path / "cli.onnx"
     result = subprocess.run(
@@ -339,7 +346,7 @@ def test_command_line_exports_and_checks(qat_run, tmp_path):
             "--format=onnx",
             "--int8",
             f"--output={output}",
-            "--check_images=4",
+            "--nocheck",  # check_export is tested above
         ],
         capture_output=True,
         text=True,
@@ -348,4 +355,4 @@ def test_command_line_exports_and_checks(qat_run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert output.exists()
     assert f"{os.path.getsize(output):,} bytes" in result.stdout
-    assert "integer kernels (ONNX Runtime fused" in result.stdout
+    assert "38 int8 layers (QDQ), 2 float" in result.stdout

@@ -1,16 +1,19 @@
 """Checks of an exported ONNX detector in ONNX Runtime against jaxcomp's own forward passes.
 
-Three levels, from exact to end to end:
+From end to end to layer by layer:
 
-* `run_session(make_session(model, optimize=False), images)`: the graph as the
-  ONNX spec defines it (QDQ as float arithmetic); an int8 export equals
-  jaxcomp's int8 serving path (`quant.int8_apply`) to float rounding.
-* `layer_code_differences`: with ONNX Runtime's optimizations, which fuse
-  `DequantizeLinear -> Conv -> QuantizeLinear` into integer kernels, each
-  quantized layer's input codes when every layer is fed the reference codes of
-  its own input: integer kernels round their requantization (and their int32
-  bias) differently from jaxcomp's float rescale, by at most one step per layer.
-* `coco_metrics_of`: mAP on a split, for ONNX Runtime and for jaxcomp.
+* `run_session(make_session(model), images)`: ONNX Runtime as deployed (graph
+  optimizations on) against `jaxcomp_predict` (jaxcomp's float forward or int8
+  serving path), compared by `max_abs_differences` and `matched_detections`.
+* `run_with_codes(model, images, codes, optimize=...)` with the codes of
+  `int8_reference`: each int8 layer fed jaxcomp's codes of its input, so that one
+  layer's rounding does not compound through the next; `code_differences` then
+  compares each layer's codes. Run as the ONNX spec defines it (`optimize=False`,
+  QDQ as float arithmetic), an int8 export is jaxcomp's int8 serving path to
+  float32 rounding; with ONNX Runtime's integer kernels (QLinearConv, which
+  quantize the bias to int32 and requantize with their own rounding) a layer's
+  codes differ by at most one.
+* `coco_metrics_of`: mAP on the eval split, for ONNX Runtime and for jaxcomp.
 """
 
 import collections

@@ -62,9 +62,9 @@ from jaxcomp.models.layers import ConvBN, DepthwiseBN, DepthwiseConv3x3
 from jaxcomp.models.mobilenet_v2 import InvertedResidual
 from jaxcomp.quant.qat import bn_multiplier
 
-# 17 is run by every current ONNX runtime (ONNX Runtime since 1.11, TensorRT, OpenVINO)
-# and has all this graph needs: per-axis QuantizeLinear/DequantizeLinear (13),
-# Clip with tensor bounds (11), TopK with a tensor k (10).
+# Opset 17 (onnx 1.12, 2022) is old enough for the runtimes in use and has all this graph
+# needs: per-axis QuantizeLinear/DequantizeLinear (13), Clip with tensor bounds (11), TopK
+# with a tensor k (10). Tested with onnxruntime 1.32.
 OPSET = 17
 FORMATS = ("onnx",)
 IMAGE_INPUT = "images"

@@ -325,7 +325,8 @@ def _kill_and_resume(fields, reference, tmp_path, cache_dir, seed: int) -> dict[
     return _max_abs_difference(_final_state(config, workdir, _template(config)), reference)
 
 
-# ~60 s on 2 busy cores: three CLI starts (imports, cached compiles), two evals.
+# Two CLI starts (imports, cached compiles) after the reference's; 130 s, plus 270 s for
+# the reference, in a `-m slow -n 2` run on 2 cores shared with other work (load ~10).
 @pytest.mark.slow
 def test_sigkill_at_random_step_then_resume_equals_uninterrupted_run(
     plain_reference, tmp_path, compilation_cache
@@ -335,7 +336,7 @@ def test_sigkill_at_random_step_then_resume_equals_uninterrupted_run(
     assert differences == dict.fromkeys(differences, 0.0)
 
 
-# ~90 s: three CLI starts, the first compiling the pruned, QAT and distilled step.
+# Three CLI starts, the first compiling the pruned, QAT and distilled steps: 720 s there.
 @pytest.mark.slow
 def test_sigkill_of_pruned_qat_distilled_run_then_resume_is_exact(
     tiny_data_dir, teacher_workdir, tmp_path, compilation_cache
@@ -377,7 +378,7 @@ def test_sigkill_of_movement_lsq_two_layer_distilled_run_then_resume_is_exact(
 SIGTERM_AFTER = (2, 6, 10)
 
 
-# ~60 s: three SIGTERMs, each followed by a CLI start that resumes.
+# Three SIGTERMs, each followed by a CLI start that resumes: 200 s there.
 @pytest.mark.slow
 def test_repeated_sigterm_saves_last_step_exits_0_and_resume_is_exact(
     plain_reference, tmp_path, compilation_cache

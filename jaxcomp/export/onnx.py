@@ -689,8 +689,10 @@ def float_onnx(
       The checked `onnx.ModelProto` (opset `OPSET`).
 
     Example:
-      >>> proto = float_onnx(model, variables, image_size=128)
-      >>> onnx.save(proto, "detector.onnx")
+      For a detector `model` and its `variables`:
+
+          proto = float_onnx(model, variables, image_size=128)
+          onnx.save(proto, "detector.onnx")
     """
     _check_image_size(image_size)
     weights = _Weights(variables["params"], variables.get("batch_stats", {}), {})
@@ -733,8 +735,10 @@ def int8_onnx(
       The checked `onnx.ModelProto` (opset `OPSET`).
 
     Example:
-      >>> tree = quant.convert_to_int8(params, batch_stats, quant_stats, config)
-      >>> proto = int8_onnx(model, tree, config=config, image_size=128)
+      For a quantized detector (its params, BatchNorm statistics and observers):
+
+          tree = quant.convert_to_int8(params, batch_stats, quant_stats, config)
+          proto = int8_onnx(model, tree, config=config, image_size=128)
     """
     if not isinstance(int8_tree, Mapping) or set(int8_tree) != {"int8", "float"}:
         raise ValueError(

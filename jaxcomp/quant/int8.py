@@ -31,21 +31,10 @@ from flax.linen.linear import canonicalize_padding
 from jax import lax
 
 from jaxcomp.models.layers import pointwise_as_matmul, shifted_multiply_adds
-from jaxcomp.paths import leaf_names
+from jaxcomp.paths import leaf_names, nest
 from jaxcomp.quant import numerics, observers, qat
 
 _ENTRY_KEYS = frozenset({"kernel", "kernel_scale", "bias", "input_scale", "input_zero_point"})
-
-
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, last = name.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return tree
 
 
 def _without(tree: Any, names: set[str], prefix: str = "") -> Any:
@@ -117,7 +106,7 @@ def convert_to_int8(
         used_stats.update({f"{bn}/mean", f"{bn}/var"})
     entries = _quantize_layers(params, batch_stats, quant_stats, config=config, plan=plan)
     return {
-        "int8": _nest(entries),
+        "int8": nest(entries),
         "float": {
             "params": _without(params, used_params),
             "batch_stats": _without(batch_stats if batch_stats is not None else {}, used_stats),

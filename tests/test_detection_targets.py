@@ -1,12 +1,14 @@
-"""Tests for jaxcomp.detection.targets and jaxcomp.detection.boxes."""
+"""Tests for jaxcomp.detection.targets (NumPy and JAX encoders) and jaxcomp.detection.boxes."""
 
+import functools
 import math
 
+import jax
 import numpy as np
 import pytest
 
 from jaxcomp.detection.boxes import clip_boxes, iou, yxyx_to_xywh
-from jaxcomp.detection.targets import encode_targets, gaussian_radius
+from jaxcomp.detection.targets import encode_batch_targets, encode_targets, gaussian_radius
 
 IMAGE_SIZE, NUM_CLASSES, STRIDE = 64, 3, 4
 GRID = IMAGE_SIZE // STRIDE
@@ -220,3 +222,95 @@ def test_box_utilities():
     np.testing.assert_array_equal(
         clip_boxes(np.array([[-3.0, 5.0, 40.0, 20.0]]), (32, 16)), [[0, 5, 32, 16]]
     )
+
+
+def _random_batch(seed: int, batch: int = 4, rows: int = 12):
+    """Boxes of every kind: overlapping, at and across the border, tiny, empty, padding."""
+    rng = np.random.default_rng(seed)
+    corners = rng.uniform(-16.0, IMAGE_SIZE + 16.0, (batch, rows, 2, 2))
+    boxes = np.concatenate([corners.min(axis=2), corners.max(axis=2)], axis=-1)
+    # Few classes, so that same-class Gaussians overlap.
+    labels = rng.integers(0, NUM_CLASSES, (batch, rows)).astype(np.int32)
+    mask = rng.random((batch, rows)) < 0.8
+    boxes[0, :3] = [[0.0, 0.0, IMAGE_SIZE, IMAGE_SIZE], [0, 0, 4, 4], [60, 60, 64, 64]]
+    boxes[0, 3] = [10.0, 10.0, 10.0, 30.0]  # zero height: dropped
+    boxes[0, 4] = [70.0, 70.0, 90.0, 90.0]  # outside: empty after clipping
+    boxes[0, 5] = [30.0, 30.0, 30.5, 30.5]  # smaller than a cell: radius 0
+    mask[0, :6] = True
+    labels[1, mask[1]] = 1  # one class only: every Gaussian overlaps another
+    # Padding rows hold garbage, out-of-range labels included.
+    labels[~mask] = rng.integers(-5, 50, int((~mask).sum()))
+    boxes[2, ~mask[2]] = rng.uniform(-1e3, 1e3, (int((~mask[2]).sum()), 4))
+    mask[3] = False  # all padding
+    return boxes.astype(np.float32), labels, mask
+
+
+def _numpy_batch(boxes, labels, mask):
+    # The NumPy encoder checks labels on valid rows only: padding rows' garbage passes.
+    per_image = [
+        encode_targets(
+            image_boxes, image_labels, image_mask, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES
+        )
+        for image_boxes, image_labels, image_mask in zip(boxes, labels, mask, strict=True)
+    ]
+    return {key: np.stack([t[key] for t in per_image]) for key in per_image[0]}
+
+
+def _assert_same_targets(actual, expected):
+    assert {k: (v.shape, v.dtype) for k, v in actual.items()} == {
+        k: (v.shape, v.dtype) for k, v in expected.items()
+    }
+    for key in ("center_index", "size", "offset", "target_mask"):
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+    heatmap, expected_heatmap = np.asarray(actual["heatmap"]), expected["heatmap"]
+    # Same support, same peaks (radii and cells bit for bit); values to a few float32
+    # ulps (16 at most over 20 random batches), as NumPy evaluates the exponent in float64.
+    np.testing.assert_array_equal(heatmap > 0, expected_heatmap > 0)
+    np.testing.assert_array_equal(heatmap == 1.0, expected_heatmap == 1.0)
+    np.testing.assert_allclose(heatmap, expected_heatmap, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batch_encoder_matches_numpy_encoder(seed):
+    boxes, labels, mask = _random_batch(seed)
+    encode = jax.jit(encode_batch_targets, static_argnames=("image_size", "num_classes"))
+    actual = encode(boxes, labels, mask, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
+    _assert_same_targets(actual, _numpy_batch(boxes, labels, mask))
+
+
+def test_batch_encoder_edge_cases_match_numpy():
+    boxes, labels, mask = _random_batch(0)
+    expected = _numpy_batch(boxes, labels, mask)
+    actual = encode_batch_targets(
+        boxes, labels, mask, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES
+    )
+    _assert_same_targets(actual, expected)
+    np.testing.assert_array_equal(actual["target_mask"][0, :6], [1, 1, 1, 0, 0, 1])
+    assert not np.asarray(actual["heatmap"][3]).any() and not actual["target_mask"][3].any()
+    # Overlapping same-class Gaussians take the max: every object keeps a peak of 1.
+    peaks = np.asarray(actual["heatmap"][1, ..., 1]) == 1.0
+    objects = np.asarray(actual["target_mask"][1]) > 0
+    assert objects.sum() > 1
+    assert peaks.sum() == len(set(np.asarray(actual["center_index"][1])[objects].tolist()))
+
+
+def test_batch_encoder_vmaps_over_an_outer_axis():
+    boxes, labels, mask = _random_batch(1)
+    groups = [np.stack([a[:2], a[2:]]) for a in (boxes, labels, mask)]
+    encode = functools.partial(encode_batch_targets, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
+    mapped = jax.jit(jax.vmap(encode))(*groups)
+    flat = encode(boxes, labels, mask)
+    for key in flat:
+        np.testing.assert_array_equal(
+            np.asarray(mapped[key]).reshape(flat[key].shape), flat[key], err_msg=key
+        )
+
+
+def test_batch_encoder_bad_inputs_are_clear_errors():
+    boxes, labels, mask = _random_batch(0)
+    with pytest.raises(ValueError, match="got image_size=62"):
+        encode_batch_targets(boxes, labels, mask, image_size=62, num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match=r"boxes must have shape \[B, K, 4\]"):
+        encode_batch_targets(boxes[0], labels, mask, image_size=64, num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match="labels and mask must have shape"):
+        encode_batch_targets(boxes, labels[:, :3], mask, image_size=64, num_classes=NUM_CLASSES)

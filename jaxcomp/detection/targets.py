@@ -1,8 +1,11 @@
-"""CenterNet training targets ("Objects as Points", Zhou et al. 2019), in numpy.
+"""CenterNet training targets ("Objects as Points", Zhou et al. 2019), in NumPy and in JAX.
 
-Runs in data-loader workers, one image at a time, so it is vectorised over
-objects and pixels: the only Python-level work is a handful of array ops per
-image, whatever the number of objects.
+`encode_targets` runs in data-loader workers, one image at a time, so it is
+vectorised over objects and pixels: the only Python-level work is a handful of
+array ops per image, whatever the number of objects. `encode_batch_targets`
+computes the same fields from a padded batch of boxes in JAX (jit-able,
+vmappable), so that a train step can build its targets on the device and the
+host sends boxes, labels and a mask instead of dense heatmaps.
 
 Coordinates: boxes come in as pixels ``[ymin, xmin, ymax, xmax]`` of the
 ``S x S`` input image; every target is in output-grid units (pixels / stride).
@@ -13,9 +16,17 @@ recovers the centre as ``(cell + offset) * stride`` exactly.
 
 from __future__ import annotations
 
+import functools
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxcomp.detection.boxes import clip_boxes
+
+# CenterNet's IoU for the Gaussian radius of every heatmap peak.
+_MIN_OVERLAP = 0.7
 
 
 def gaussian_radius(height: float, width: float, min_overlap: float = 0.7) -> float:
@@ -85,11 +96,7 @@ def encode_targets(
         >>> t["heatmap"].shape, t["center_index"].tolist(), t["size"].tolist()
         ((16, 16, 3), [70], [[4.0, 8.0]])
     """
-    if image_size % stride != 0:
-        raise ValueError(
-            f"image_size must be a multiple of stride={stride}, got image_size={image_size}; "
-            f"resize the input to a multiple of {stride}, e.g. {image_size // stride * stride}"
-        )
+    _check_image_size(image_size, stride)
     boxes = np.asarray(boxes, np.float32)
     labels = np.asarray(labels)
     mask = np.asarray(mask, bool)
@@ -128,19 +135,33 @@ def encode_targets(
     }
 
 
-def _gaussian_radii(heights: np.ndarray, widths: np.ndarray, min_overlap: float) -> np.ndarray:
-    """Vectorised :func:`gaussian_radius` (same formulas) over arrays of box sizes."""
+def _check_image_size(image_size: int, stride: int) -> None:
+    if image_size % stride != 0:
+        raise ValueError(
+            f"image_size must be a multiple of stride={stride}, got image_size={image_size}; "
+            f"resize the input to a multiple of {stride}, e.g. {image_size // stride * stride}"
+        )
+
+
+def _gaussian_radii(
+    heights: np.ndarray, widths: np.ndarray, min_overlap: float, xp: ModuleType = np
+) -> np.ndarray:
+    """Vectorised :func:`gaussian_radius` (same formulas) over arrays of box sizes.
+
+    `xp` is `numpy` or `jax.numpy`: the same operations in the same order give the
+    same float32 radii in both.
+    """
     sum_hw, area = heights + widths, heights * widths
     # Case 1: both corners shifted the same way.
     b1, c1 = sum_hw, area * (1 - min_overlap) / (1 + min_overlap)
-    r1 = (b1 + np.sqrt(b1**2 - 4 * c1)) / 2
+    r1 = (b1 + xp.sqrt(b1**2 - 4 * c1)) / 2
     # Case 2: predicted box inside the ground truth.
     b2, c2 = 2 * sum_hw, (1 - min_overlap) * area
-    r2 = (b2 + np.sqrt(b2**2 - 16 * c2)) / 2
+    r2 = (b2 + xp.sqrt(b2**2 - 16 * c2)) / 2
     # Case 3: predicted box around the ground truth.
     a3, b3, c3 = 4 * min_overlap, -2 * min_overlap * sum_hw, (min_overlap - 1) * area
-    r3 = (b3 + np.sqrt(b3**2 - 4 * a3 * c3)) / 2
-    return np.minimum(np.minimum(r1, r2), r3)
+    r3 = (b3 + xp.sqrt(b3**2 - 4 * a3 * c3)) / 2
+    return xp.minimum(xp.minimum(r1, r2), r3)
 
 
 def _draw_heatmap(
@@ -151,7 +172,8 @@ def _draw_heatmap(
     if len(cells) == 0:
         return heatmap
     # CenterNet rounds box sizes up and the radius down to whole cells.
-    radii = np.maximum(np.floor(_gaussian_radii(np.ceil(size[:, 0]), np.ceil(size[:, 1]), 0.7)), 0)
+    radii = np.floor(_gaussian_radii(np.ceil(size[:, 0]), np.ceil(size[:, 1]), _MIN_OVERLAP))
+    radii = np.maximum(radii, 0)
     sigma = (2 * radii + 1) / 6
     coords = np.arange(grid, dtype=np.float32)
     # The 2-D Gaussian is separable: exp(-(dy²+dx²)/2σ²) = exp(-dy²/2σ²)·exp(-dx²/2σ²).
@@ -171,3 +193,118 @@ def _draw_heatmap(
         np.max(gaussians[labels == label], axis=0, out=per_class[label])
     heatmap[:, :, classes] = per_class[classes].transpose(1, 2, 0)
     return heatmap
+
+
+def encode_batch_targets(
+    boxes: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    *,
+    image_size: int,
+    num_classes: int,
+    stride: int = 4,
+) -> dict[str, jax.Array]:
+    """Encodes a padded batch of boxes as CenterNet targets in JAX, on the device.
+
+    The fields of :func:`encode_targets`, image by image, stacked over the batch:
+    the same clipping, dropped empty boxes, centre cells, offsets, sizes and
+    Gaussian radii (bit for bit), and heatmaps equal to float32 rounding (NumPy
+    evaluates the Gaussian's exponent in float64). Pure and shape-static, so it
+    runs under ``jax.jit`` and ``jax.vmap`` and inside a train step. Labels are
+    not checked (that would need the host): a valid row whose label is outside
+    ``[0, num_classes)`` draws no heatmap peak, where :func:`encode_targets` raises.
+
+    Per image it holds the ``[K, S/stride, S/stride]`` float32 Gaussians of its
+    objects before the per-class max.
+
+    Args:
+        boxes: float [B, K, 4], pixel ``[ymin, xmin, ymax, xmax]`` in the S x S images.
+        labels: int [B, K], class ids in ``[0, num_classes)`` on rows where ``mask`` is set.
+        mask: bool [B, K], False for padding rows.
+        image_size: the input side S; must be a multiple of ``stride``.
+        num_classes: number of heatmap channels C.
+        stride: output stride of the detector.
+
+    Returns:
+        dict with ``heatmap`` f32 [B, S/stride, S/stride, C], ``center_index`` int32
+        [B, K], ``size`` and ``offset`` f32 [B, K, 2], ``target_mask`` f32 [B, K],
+        as :func:`encode_targets` describes them.
+
+    Example:
+        >>> t = jax.jit(encode_batch_targets, static_argnames=("image_size", "num_classes"))(
+        ...     jnp.array([[[8.0, 8.0, 24.0, 40.0]]]), jnp.array([[2]]), jnp.array([[True]]),
+        ...     image_size=64, num_classes=3)
+        >>> t["heatmap"].shape, t["center_index"].tolist(), t["size"].tolist()
+        ((1, 16, 16, 3), [[70]], [[[4.0, 8.0]]])
+    """
+    _check_image_size(image_size, stride)
+    if boxes.ndim != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must have shape [B, K, 4], got {boxes.shape}")
+    if labels.shape != boxes.shape[:2] or mask.shape != boxes.shape[:2]:
+        raise ValueError(
+            f"labels and mask must have shape [B, K]={boxes.shape[:2]}, "
+            f"got labels {labels.shape} and mask {mask.shape}"
+        )
+    encode_image = functools.partial(
+        _encode_image, image_size=image_size, num_classes=num_classes, stride=stride
+    )
+    return jax.vmap(encode_image)(
+        jnp.asarray(boxes, jnp.float32), jnp.asarray(labels, jnp.int32), jnp.asarray(mask, bool)
+    )
+
+
+def _encode_image(
+    boxes: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    *,
+    image_size: int,
+    num_classes: int,
+    stride: int,
+) -> dict[str, jax.Array]:
+    """One image of :func:`encode_batch_targets`: :func:`encode_targets`' steps in jnp."""
+    grid = image_size // stride
+    grid_boxes = clip_boxes(boxes, image_size) / np.float32(stride)
+    size = grid_boxes[:, 2:] - grid_boxes[:, :2]
+    valid = mask & (size[:, 0] > 0) & (size[:, 1] > 0)
+    centers = (grid_boxes[:, :2] + grid_boxes[:, 2:]) / 2
+    cells = jnp.clip(jnp.floor(centers), 0, grid - 1).astype(jnp.int32)
+    # Exact in float32 (NumPy computes it in float64): c - floor(c) needs no rounding.
+    offset = centers - cells
+    valid_f = valid.astype(jnp.float32)
+    return {
+        "heatmap": _draw_heatmap_jax(cells, size, labels, valid, grid, num_classes),
+        "center_index": jnp.where(valid, cells[:, 0] * grid + cells[:, 1], 0),
+        "size": size * valid_f[:, None],
+        "offset": offset * valid_f[:, None],
+        "target_mask": valid_f,
+    }
+
+
+def _draw_heatmap_jax(
+    cells: jax.Array,
+    size: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    grid: int,
+    num_classes: int,
+) -> jax.Array:
+    """:func:`_draw_heatmap` over all K rows, the invalid ones drawing nothing."""
+    radii = jnp.floor(
+        _gaussian_radii(jnp.ceil(size[:, 0]), jnp.ceil(size[:, 1]), _MIN_OVERLAP, xp=jnp)
+    )
+    radii = jnp.maximum(radii, 0)
+    sigma = (2 * radii + 1) / 6
+    coords = jnp.arange(grid, dtype=jnp.float32)
+    profiles = []
+    for axis in (0, 1):
+        distance = coords[None, :] - cells[:, axis, None]
+        profile = jnp.exp(-(distance**2) / (2 * sigma[:, None] ** 2))
+        # `valid` also masks the NaN radii that padding rows' garbage sizes may give.
+        inside = (jnp.abs(distance) <= radii[:, None]) & valid[:, None]
+        profiles.append(jnp.where(inside, profile, 0.0))
+    gaussians = profiles[0][:, :, None] * profiles[1][:, None, :]
+    # Overlapping objects of one class combine by max, so every peak stays 1; classes
+    # with no object get -inf from segment_max, and labels outside [0, C) are dropped.
+    per_class = jax.ops.segment_max(gaussians, labels, num_segments=num_classes)
+    return jnp.maximum(per_class, 0.0).transpose(1, 2, 0)

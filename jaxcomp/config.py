@@ -10,7 +10,7 @@ import difflib
 import ml_collections
 from ml_collections import config_dict
 
-from jaxcomp.models import DEPTHWISE_IMPLS, MODELS
+from jaxcomp.models import COMPUTE_DTYPES, DEPTHWISE_IMPLS, MODELS
 
 # The two roles of the compression recipe, as config files take them (`file.py:teacher`).
 MODEL_ROLES = {"teacher": "centernet_teacher", "student": "centernet_student"}
@@ -46,6 +46,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.name = "centernet_student"
     # 'auto' picks nine shifted multiply-adds on CPU, XLA's grouped conv elsewhere.
     config.model.depthwise_impl = "auto"
+    # Compute dtype of convolutions and activations: 'float32' or 'bfloat16';
+    # parameters, BatchNorm statistics and the loss stay float32.
+    config.model.dtype = "float32"
     # Width overrides by channel-group name, set when a channel-pruned model is shrunk.
     config.model.channels = ()
 
@@ -224,6 +227,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         config.model.depthwise_impl in DEPTHWISE_IMPLS,
         f"config.model.depthwise_impl={config.model.depthwise_impl!r}; "
         f"use one of {DEPTHWISE_IMPLS}",
+    )
+    _require(
+        config.model.dtype in COMPUTE_DTYPES,
+        f"config.model.dtype={config.model.dtype!r}; use one of {COMPUTE_DTYPES}",
     )
     for field in (
         "data.image_size",

@@ -1,10 +1,13 @@
-"""The CPU fast paths of the model layers agree with their references.
+"""The CPU kernels of `jaxcomp.ops` and the model layers agree with their references.
 
 `depthwise_conv3x3_shifted` (hand-written gradient) against XLA's grouped conv,
 `pointwise_as_matmul` against `lax.conv_general_dilated`, and `layers.BatchNorm`
 against `nn.BatchNorm`: forward values and gradients, under jit, vmap and
-nested differentiation, plus the transformations a `custom_vjp` cannot support.
+nested differentiation, plus the transformations a `custom_vjp` cannot support;
+and the per-platform choice inside lowered programs.
 """
+
+import re
 
 import flax.linen as nn
 import jax
@@ -16,11 +19,10 @@ from hypothesis import strategies as st
 from jax import lax
 
 from jaxcomp.models import layers
-from jaxcomp.models.layers import (
-    BatchNorm,
-    ConvBN,
-    DepthwiseConv3x3,
-    conv_general_dilated_for_backend,
+from jaxcomp.models.layers import BatchNorm, ConvBN, DepthwiseConv3x3
+from jaxcomp.ops import (
+    conv_general_dilated_per_platform,
+    depthwise_conv3x3,
     depthwise_conv3x3_grouped,
     depthwise_conv3x3_shifted,
     pointwise_as_matmul,
@@ -264,9 +266,112 @@ def test_nn_conv_with_pointwise_as_matmul_keeps_parameters_and_values():
     _assert_all_close(fast.apply(variables, x), reference.apply(variables, x), 1e-5)
 
 
-def test_backend_choice_of_conv_general_dilated():
-    expected = pointwise_as_matmul if jax.default_backend() == "cpu" else None
-    assert conv_general_dilated_for_backend() is expected
+def _lowered_text(fn, platform: str, *args) -> str:
+    """The StableHLO text of `fn` exported for `platform` (no such device needed)."""
+    return jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+
+
+def _grouped_convs(text: str) -> int:
+    return sum(int(count) > 1 for count in re.findall(r"feature_group_count = (\d+)", text))
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu", "cuda"])
+def test_auto_kernels_are_chosen_per_platform_inside_the_lowered_program(platform):
+    x, kernel = _inputs((2, 6, 6, 4))
+    pointwise = _normal((1, 1, 4, 5), 3)
+
+    def loss(x, kernel, pointwise):
+        y = depthwise_conv3x3(x, kernel, 2)
+        y = conv_general_dilated_per_platform(y, pointwise, (1, 1), "VALID", None, None, NHWC)
+        return jnp.sum(jnp.sin(y))
+
+    text = _lowered_text(jax.grad(loss, argnums=(0, 1, 2)), platform, x, kernel, pointwise)
+    if platform == "cpu":
+        # Shifted multiply-adds (their forward's optimization barrier) and matmuls only.
+        assert "stablehlo.convolution" not in text
+        assert "stablehlo.optimization_barrier" in text and "stablehlo.dot_general" in text
+    else:
+        assert _grouped_convs(text) > 0
+        assert "optimization_barrier" not in text and "dot_general" not in text
+
+
+@pytest.mark.parametrize("impl", ["grouped", "shifted"])
+def test_explicit_depthwise_impl_is_used_on_every_platform(impl):
+    x, kernel = _inputs((1, 4, 4, 3))
+    for platform in ("cpu", "tpu"):
+        text = _lowered_text(
+            lambda x, k: depthwise_conv3x3(x, k, 1, impl=impl), platform, x, kernel
+        )
+        assert (_grouped_convs(text) > 0) == (impl == "grouped"), platform
+    with pytest.raises(ValueError, match="depthwise_impl must be one of"):
+        depthwise_conv3x3(x, kernel, 1, impl="fast")
+
+
+@pytest.mark.parametrize("impl", ["auto", "grouped", "shifted"])
+def test_dispatched_depthwise_matches_grouped_values_and_gradients(impl):
+    x, kernel = _inputs((2, 7, 5, 3))
+    cotangent = _normal((2, 4, 3, 3), 7)
+
+    def value_and_grads(conv):
+        out, vjp = jax.vjp(conv, x, kernel)
+        return (out, *vjp(cotangent))
+
+    expected = jax.jit(lambda: value_and_grads(lambda x, k: depthwise_conv3x3_grouped(x, k, 2)))()
+    actual = jax.jit(lambda: value_and_grads(lambda x, k: depthwise_conv3x3(x, k, 2, impl=impl)))()
+    _assert_all_close(actual, expected, 1e-4)
+
+
+@pytest.mark.parametrize("impl", ["grouped", "shifted"])
+def test_bfloat16_codes_with_float32_accumulation_are_exact(impl):
+    rng = np.random.default_rng(0)
+    # Integer codes as a fake-quantized layer passes them: exact in bfloat16, but
+    # their sums need float32.
+    x = jnp.asarray(rng.integers(-255, 256, (2, 6, 6, 4)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.integers(-127, 128, (3, 3, 1, 4)), jnp.bfloat16)
+    out = depthwise_conv3x3(x, kernel, 1, impl=impl, preferred_element_type=jnp.float32)
+    assert out.dtype == jnp.float32
+    expected = depthwise_conv3x3_grouped(x.astype(jnp.float32), kernel.astype(jnp.float32), 1)
+    np.testing.assert_array_equal(out, expected)
+    grads = jax.grad(
+        lambda x, k: jnp.sum(
+            depthwise_conv3x3(x, k, 1, impl=impl, preferred_element_type=jnp.float32)
+        ),
+        argnums=(0, 1),
+    )(x, kernel)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+
+
+@pytest.mark.parametrize("impl", ["auto", "grouped", "shifted"])
+def test_depthwise_module_in_bfloat16_keeps_a_float32_kernel_and_gradient(impl):
+    x, _ = _inputs((2, 6, 6, 4))
+    module = DepthwiseConv3x3(stride=1, impl=impl, dtype=jnp.bfloat16)
+    variables = module.init(jax.random.key(0), x)
+    assert variables["params"]["kernel"].dtype == jnp.float32
+    out = module.apply(variables, x)
+    assert out.dtype == jnp.bfloat16
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(module.apply(v, x).astype(jnp.float32))))(variables)
+    assert grad["params"]["kernel"].dtype == jnp.float32
+    reference = DepthwiseConv3x3(stride=1, impl="grouped").apply(variables, x)
+    np.testing.assert_allclose(out.astype(jnp.float32), reference, rtol=3e-2, atol=3e-2)
+
+
+def test_conv_general_dilated_per_platform_overrides_and_rejects_unknown():
+    x = _normal((2, 3, 3, 4), 0)
+    kernel = _normal((1, 1, 4, 5), 1)
+    args = ((1, 1), "VALID", None, None, NHWC)
+    reference = lax.conv_general_dilated(x, kernel, *args)
+    for impl in ("auto", "matmul", "conv"):
+        _assert_all_close(
+            conv_general_dilated_per_platform(x, kernel, *args, impl=impl), reference, 1e-5
+        )
+    assert "dot_general" in _lowered_text(
+        lambda x, k: conv_general_dilated_per_platform(x, k, *args, impl="matmul"), "tpu", x, kernel
+    )
+    assert "dot_general" not in _lowered_text(
+        lambda x, k: conv_general_dilated_per_platform(x, k, *args, impl="conv"), "cpu", x, kernel
+    )
+    with pytest.raises(ValueError, match="pointwise impl must be one of"):
+        conv_general_dilated_per_platform(x, kernel, *args, impl="fast")
 
 
 def _batch_norms(train: bool):
@@ -292,6 +397,36 @@ def test_batch_norm_matches_flax_values_statistics_and_gradients(train):
         return jax.jit(jax.grad(run, argnums=(0, 1), has_aux=True))(variables["params"], x)
 
     _assert_all_close(value_and_grads(fast), value_and_grads(reference), 1e-4)
+
+
+def test_batch_norm_inference_is_flax_bit_for_bit():
+    x = 3.0 * _normal((4, 3, 5, 6), 0) + 2.0
+    fast, reference = _batch_norms(train=False)
+    variables = jax.tree.map(lambda v: v + 0.5, reference.init(jax.random.key(1), x))
+    np.testing.assert_array_equal(fast.apply(variables, x), reference.apply(variables, x))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_in_bfloat16_keeps_float32_statistics(train):
+    x = 3.0 * _normal((4, 3, 5, 6), 0) + 2.0
+    common = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.bfloat16)
+    fast, reference = BatchNorm(**common), nn.BatchNorm(**common)
+    variables = jax.tree.map(lambda v: v + 0.5, reference.init(jax.random.key(1), x))
+    half = x.astype(jnp.bfloat16)
+    out, updates = fast.apply(variables, half, mutable=["batch_stats"])
+    expected, expected_updates = reference.apply(variables, half, mutable=["batch_stats"])
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), expected.astype(jnp.float32), atol=2e-2)
+    for leaf, expected_leaf in zip(
+        jax.tree.leaves(updates), jax.tree.leaves(expected_updates), strict=True
+    ):
+        assert leaf.dtype == jnp.float32
+        np.testing.assert_allclose(leaf, expected_leaf, rtol=1e-5, atol=1e-5)
+    # A float32 input (a fake-quantized layer's output) is not rounded to bfloat16.
+    wide = fast.apply(variables, x, mutable=["batch_stats"])[0]
+    assert wide.dtype == jnp.float32
+    reference_f32 = _batch_norms(train)[1].apply(variables, x, mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(wide, reference_f32, rtol=1e-5, atol=1e-5)
 
 
 def test_batch_norm_is_an_nn_batch_norm_and_defers_masks_to_flax():

@@ -99,6 +99,7 @@ def test_config_files_load_and_validate():
     [
         ("model.name", "resnet50", "config.model.name='resnet50' is not a model"),
         ("model.depthwise_impl", "fast", "config.model.depthwise_impl='fast'"),
+        ("model.dtype", "float16", r"config.model.dtype='float16'; use one of \('float32', "),
         ("data.image_size", 100, "multiple of 32.*try 96"),
         ("data.image_size", 0, "data.image_size must be a positive integer"),
         ("train.batch_size", 6, "train.batch_size=6 is not divisible by the 4 devices"),

@@ -287,3 +287,34 @@ def test_fake_quant_jits_with_traced_scale():
     out = fn(jnp.array([0.26, 100.0]), jnp.float32(0.5), jnp.int32(1))
     # 100 / 0.5 + 1 clips to 127, i.e. (127 - 1) * 0.5.
     np.testing.assert_array_equal(out, [0.5, 63.0])
+
+
+def test_fake_quant_codes_are_the_integers_of_fake_quant_with_its_gradient():
+    x = jnp.linspace(-3.0, 3.0, 61)
+    scale, zero_point, qmin, qmax = jnp.float32(0.05), jnp.int32(3), -128, 127
+    codes = numerics.fake_quant_codes(x, scale, zero_point, qmin, qmax)
+    expected = numerics.quantize(x, scale, zero_point, qmin, qmax) - 3
+    np.testing.assert_array_equal(codes, expected)
+    np.testing.assert_allclose(
+        codes * scale, numerics.fake_quant(x, scale, zero_point, qmin, qmax), rtol=1e-6
+    )
+    grad = jax.grad(lambda x: jnp.sum(numerics.fake_quant_codes(x, scale, zero_point, qmin, qmax)))
+    fq_grad = jax.grad(lambda x: jnp.sum(numerics.fake_quant(x, scale, zero_point, qmin, qmax)))
+    np.testing.assert_allclose(grad(x) * scale, fq_grad(x), rtol=1e-6)
+
+
+def test_bfloat16_inputs_round_to_the_codes_of_their_float32_values():
+    # A bfloat16 product x * (1 / scale) would be rounded before the code is.
+    x = jnp.asarray(np.random.default_rng(0).uniform(-4, 4, 4096), jnp.bfloat16)
+    scale, zero_point, qmin, qmax = jnp.float32(0.0123), jnp.int32(0), -128, 127
+    wide = x.astype(jnp.float32)
+    np.testing.assert_array_equal(
+        numerics.quantize(x, scale, zero_point, qmin, qmax, dtype=jnp.int8),
+        numerics.quantize(wide, scale, zero_point, qmin, qmax, dtype=jnp.int8),
+    )
+    assert numerics.quantize(x, scale, zero_point, qmin, qmax).dtype == jnp.bfloat16
+    codes = numerics.fake_quant_codes(x, scale, zero_point, qmin, qmax)
+    assert codes.dtype == jnp.float32
+    np.testing.assert_array_equal(
+        codes, numerics.fake_quant_codes(wide, scale, zero_point, qmin, qmax)
+    )

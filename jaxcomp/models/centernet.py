@@ -20,12 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.models.layers import (
-    ConvBN,
-    DepthwiseBN,
-    DepthwiseConv3x3,
-    conv_general_dilated_for_backend,
-)
+from jaxcomp.models.layers import ConvBN, DepthwiseBN, DepthwiseConv3x3
 from jaxcomp.models.mobilenet_v2 import (
     MOBILENET_V2_STAGES,
     MobileNetV2,
@@ -34,6 +29,7 @@ from jaxcomp.models.mobilenet_v2 import (
 from jaxcomp.models.mobilenet_v2 import (
     channel_widths as backbone_channel_widths,
 )
+from jaxcomp.ops import conv_general_dilated_per_platform
 from jaxcomp.paths import leaf_names
 
 OUTPUT_STRIDE = 4
@@ -60,16 +56,20 @@ class TopDownNeck(nn.Module):
 
     features: int
     depthwise_impl: str = "auto"
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, feature_maps: Sequence[jax.Array], train: bool) -> jax.Array:
         *finer, coarsest = feature_maps
-        x = ConvBN(self.features, name="lateral_3")(coarsest, train)
+        conv_bn = functools.partial(ConvBN, self.features, dtype=self.dtype)
+        x = conv_bn(name="lateral_3")(coarsest, train)
         for level in reversed(range(len(finer))):
-            lateral = ConvBN(self.features, name=f"lateral_{level}")(finer[level], train)
+            lateral = conv_bn(name=f"lateral_{level}")(finer[level], train)
             x = _upsample2x(x) + lateral
-            x = DepthwiseBN(impl=self.depthwise_impl, name=f"smooth_{level}_dw")(x, train)
-            x = ConvBN(self.features, name=f"smooth_{level}_pw")(x, train)
+            x = DepthwiseBN(impl=self.depthwise_impl, dtype=self.dtype, name=f"smooth_{level}_dw")(
+                x, train
+            )
+            x = conv_bn(name=f"smooth_{level}_pw")(x, train)
         return x
 
 
@@ -84,20 +84,25 @@ class Head(nn.Module):
     out_features: int
     bias_init: float = 0.0
     depthwise_impl: str = "auto"
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        # On CPU the 1x1 convs run as matmuls: XLA's conv wraps their weight gradient
-        # in transposes that cost ~10% of the student's train step.
-        pointwise = conv_general_dilated_for_backend()
-        x = DepthwiseConv3x3(impl=self.depthwise_impl, name="depthwise")(x)
-        x = nn.relu(nn.Conv(self.hidden, (1, 1), conv_general_dilated=pointwise, name="conv")(x))
-        return nn.Conv(
+        # In CPU programs the 1x1 convs run as matmuls: XLA's conv wraps their weight
+        # gradient in transposes that cost ~10% of the student's train step.
+        conv = functools.partial(
+            nn.Conv,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            conv_general_dilated=conv_general_dilated_per_platform,
+        )
+        x = DepthwiseConv3x3(impl=self.depthwise_impl, dtype=self.dtype, name="depthwise")(x)
+        x = nn.relu(conv(self.hidden, (1, 1), name="conv")(x))
+        return conv(
             self.out_features,
             (1, 1),
             kernel_init=nn.initializers.normal(0.01),
             bias_init=nn.initializers.constant(self.bias_init),
-            conv_general_dilated=pointwise,
             name="out",
         )(x)
 
@@ -111,7 +116,9 @@ class CenterNet(nn.Module):
       neck_features: channels of the stride-4 map.
       head_features: hidden channels of each head.
       stages: MobileNetV2 stage table (the tiny variant uses fewer repeats).
-      depthwise_impl: 'auto', 'grouped' or 'shifted'.
+      depthwise_impl: 'auto' (per platform, in the lowered program), 'grouped' or 'shifted'.
+      dtype: compute dtype of the convolutions and activations (float32 or bfloat16);
+        parameters and BatchNorm statistics stay float32 and the outputs are float32.
       channels: `(group name, width)` overrides, e.g. `(("backbone/block_1/expand", 40),)`,
         to build the smaller model a channel-shrunk variables tree fits; the names are
         the keys of `channel_widths(model)` (the group names of `channel_groups`).
@@ -129,6 +136,7 @@ class CenterNet(nn.Module):
     stages: Sequence[tuple[int, int, int, int]] = MOBILENET_V2_STAGES
     depthwise_impl: str = "auto"
     channels: tuple[tuple[str, int], ...] = ()
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -146,17 +154,26 @@ class CenterNet(nn.Module):
         )
         x = normalize_images(images)
         feature_maps = MobileNetV2(
-            self.width, self.stages, self.depthwise_impl, backbone_channels, name="backbone"
+            self.width,
+            self.stages,
+            self.depthwise_impl,
+            backbone_channels,
+            dtype=self.dtype,
+            name="backbone",
         )(x, train)
-        x = TopDownNeck(self.neck_features, self.depthwise_impl, name="neck")(feature_maps, train)
-        impl = self.depthwise_impl
-        return {
-            "heatmap": Head(
-                widths["heatmap/hidden"], self.num_classes, HEATMAP_BIAS_INIT, impl, name="heatmap"
+        x = TopDownNeck(self.neck_features, self.depthwise_impl, self.dtype, name="neck")(
+            feature_maps, train
+        )
+        head = functools.partial(Head, depthwise_impl=self.depthwise_impl, dtype=self.dtype)
+        outputs = {
+            "heatmap": head(
+                widths["heatmap/hidden"], self.num_classes, HEATMAP_BIAS_INIT, name="heatmap"
             )(x),
-            "size": Head(widths["size/hidden"], 2, depthwise_impl=impl, name="size")(x),
-            "offset": Head(widths["offset/hidden"], 2, depthwise_impl=impl, name="offset")(x),
+            "size": head(widths["size/hidden"], 2, name="size")(x),
+            "offset": head(widths["offset/hidden"], 2, name="offset")(x),
         }
+        # The loss wants float32, whatever the compute dtype.
+        return {name: value.astype(jnp.float32) for name, value in outputs.items()}
 
 
 def channel_widths(model: CenterNet) -> dict[str, int]:

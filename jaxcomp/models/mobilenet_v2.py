@@ -11,10 +11,11 @@ model) without changing any parameter path or residual connection.
 import functools
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxcomp.models.layers import ConvBN, DepthwiseBN
 
@@ -125,11 +126,12 @@ class InvertedResidual(nn.Module):
       features: output channels.
       expansion: expansion factor t; 1 means no expand conv.
       stride: depthwise stride.
-      depthwise_impl: 'auto', 'grouped' or 'shifted'.
+      depthwise_impl: 'auto', 'grouped' or 'shifted' (see `layers.DepthwiseConv3x3`).
       expanded_features: width of the expand conv, overriding `in_features * expansion`
         (ignored when `expansion` is 1).
       residual: whether to add the input to the output; None adds it when the stride
         is 1 and the input has `features` channels.
+      dtype: compute dtype (parameters stay float32).
     """
 
     features: int
@@ -138,6 +140,7 @@ class InvertedResidual(nn.Module):
     depthwise_impl: str = "auto"
     expanded_features: int | None = None
     residual: bool | None = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -145,9 +148,9 @@ class InvertedResidual(nn.Module):
         y = x
         if self.expansion != 1:
             expanded = self.expanded_features or in_features * self.expansion
-            y = ConvBN(expanded, name="expand")(y, train)
-        y = DepthwiseBN(self.stride, self.depthwise_impl, name="depthwise")(y, train)
-        y = ConvBN(self.features, activation=False, name="project")(y, train)
+            y = ConvBN(expanded, dtype=self.dtype, name="expand")(y, train)
+        y = DepthwiseBN(self.stride, self.depthwise_impl, self.dtype, name="depthwise")(y, train)
+        y = ConvBN(self.features, activation=False, dtype=self.dtype, name="project")(y, train)
         residual = self.residual
         if residual is None:
             residual = self.stride == 1 and in_features == self.features
@@ -165,6 +168,7 @@ class MobileNetV2(nn.Module):
       depthwise_impl: 'auto', 'grouped' or 'shifted' (see `layers.DepthwiseConv3x3`).
       channels: `(name, width)` overrides of the widths `channel_widths` lists
         ('stem', 'block_{i}/expand'); residual adds stay those of the nominal model.
+      dtype: compute dtype of every layer (parameters and BatchNorm statistics stay float32).
 
     Returns from `__call__`: the feature maps at strides 4, 8, 16 and 32.
     """
@@ -173,12 +177,13 @@ class MobileNetV2(nn.Module):
     stages: Sequence[tuple[int, int, int, int]] = MOBILENET_V2_STAGES
     depthwise_impl: str = "auto"
     channels: tuple[tuple[str, int], ...] = ()
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
         widths = override_widths(channel_widths(self.width, self.stages), self.channels)
         stem_features = widths.get("stem", make_divisible(32 * self.width))
-        x = ConvBN(stem_features, kernel_size=3, stride=2, name="stem")(x, train)
+        x = ConvBN(stem_features, kernel_size=3, stride=2, dtype=self.dtype, name="stem")(x, train)
         features = []
         block_index = 0
         for stage_index, stage in enumerate(_blocks(self.width, self.stages)):
@@ -190,6 +195,7 @@ class MobileNetV2(nn.Module):
                     self.depthwise_impl,
                     expanded_features=widths.get(f"block_{block_index}/expand"),
                     residual=block.residual,
+                    dtype=self.dtype,
                     name=f"block_{block_index}",
                 )(x, train)
                 block_index += 1

@@ -13,9 +13,12 @@ ordinary pytree of arrays (orbax saves it as is):
 
 `int8_apply` runs the unchanged Flax model on it: an interceptor replaces each
 quantized layer's call by quantize-input -> int8 x int8 conv/dot with int32
-accumulation -> rescale -> + bias, and makes the folded BatchNorms the identity.
-The conv geometry comes from the module: `nn.Conv` attributes, `nn.Dense`
-(a dot over the last axis), or a module's own `conv_geometry(in_features)`.
+accumulation -> rescale -> + bias (float32), and makes the folded BatchNorms the
+identity. The conv geometry comes from the module: `nn.Conv` attributes,
+`nn.Dense` (a dot over the last axis), or a module's own
+`conv_geometry(in_features)` (`qat.layer_geometry`). The integer convolutions
+are `jaxcomp.ops.integer_conv`: CPU routes in CPU programs, XLA's integer
+convolution in all others, chosen inside the lowered program.
 """
 
 import functools
@@ -27,10 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.linen.linear import canonicalize_padding
 from jax import lax
 
-from jaxcomp.models.layers import pointwise_as_matmul, shifted_multiply_adds
+from jaxcomp import ops
 from jaxcomp.paths import leaf_names, nest
 from jaxcomp.quant import numerics, observers, qat
 
@@ -184,90 +186,6 @@ def _int8_layers(tree: Any, prefix: str = "") -> dict[str, Mapping[str, Any]]:
     return layers
 
 
-def _broadcast_ints(value: Any, count: int) -> tuple[int, ...]:
-    if value is None:
-        return (1,) * count
-    if isinstance(value, int):
-        return (value,) * count
-    return tuple(value)
-
-
-def _conv_geometry(module: nn.Module, x: jax.Array, kernel: jax.Array, path: str) -> dict:
-    """`lax.conv_general_dilated` arguments of a conv-like module, with explicit padding."""
-    spatial = kernel.ndim - 2
-    if x.ndim != spatial + 2:
-        raise ValueError(
-            f"int8 layer {path} expects an input of rank {spatial + 2} (batch, spatial, "
-            f"channels), got shape {x.shape}"
-        )
-    if hasattr(module, "conv_geometry"):
-        geometry = dict(module.conv_geometry(x.shape[-1]))
-    elif isinstance(module, nn.Conv):
-        if _broadcast_ints(module.input_dilation, spatial) != (1,) * spatial:
-            raise ValueError(f"int8 layer {path}: input_dilation is not supported")
-        if module.mask is not None:
-            raise ValueError(f"int8 layer {path}: masked convolutions are not supported")
-        geometry = {
-            "window_strides": _broadcast_ints(module.strides, spatial),
-            "padding": canonicalize_padding(module.padding, spatial),
-            "rhs_dilation": _broadcast_ints(module.kernel_dilation, spatial),
-            "feature_group_count": module.feature_group_count,
-        }
-    else:
-        raise ValueError(
-            f"int8 layer {path} is a {type(module).__name__}, which is neither nn.Conv, "
-            "nn.Dense nor a module declaring conv_geometry(); keep it float with a rule "
-            f"({path!r}, None)"
-        )
-    geometry.setdefault("rhs_dilation", (1,) * spatial)
-    padding = geometry["padding"]
-    if isinstance(padding, str):
-        if padding not in ("SAME", "VALID", "SAME_LOWER"):
-            raise ValueError(f"int8 layer {path}: padding {padding!r} is not supported")
-        dilations = zip(kernel.shape[:spatial], geometry["rhs_dilation"], strict=True)
-        dilated = [(size - 1) * dilation + 1 for size, dilation in dilations]
-        padding = lax.padtype_to_pads(x.shape[1:-1], dilated, geometry["window_strides"], padding)
-    geometry["padding"] = tuple(tuple(pair) for pair in padding)
-    return geometry
-
-
-def _int8_conv(
-    q: jax.Array, kernel: jax.Array, geometry: Mapping[str, Any], dimension_numbers
-) -> jax.Array:
-    """The int32-accumulated VALID convolution of a padded int8 input, by backend.
-
-    XLA:CPU runs integer convolutions without its fast kernels: on CPU, 3x3
-    depthwise layers become the float model's shifted multiply-adds, here over the
-    int8 codes widened to int32 (~100x faster than the int8 grouped conv), and 1x1
-    layers an int8 matmul (`pointwise_as_matmul`). The results are the same
-    integers. GPUs and TPUs get XLA's convolution.
-    """
-    strides, dilation = geometry["window_strides"], geometry["rhs_dilation"]
-    groups = geometry["feature_group_count"]
-    on_cpu = jax.default_backend() == "cpu"
-    depthwise_3x3 = (
-        kernel.shape == (3, 3, 1, groups)
-        and groups == q.shape[-1]
-        and strides[0] == strides[1]
-        and tuple(dilation) == (1, 1)
-    )
-    if on_cpu and depthwise_3x3:
-        return shifted_multiply_adds(
-            q.astype(jnp.int32), kernel[:, :, 0].astype(jnp.int32), strides[0]
-        )
-    conv = pointwise_as_matmul if on_cpu else lax.conv_general_dilated
-    return conv(
-        q,
-        kernel,
-        strides,
-        "VALID",
-        rhs_dilation=dilation,
-        dimension_numbers=dimension_numbers,
-        feature_group_count=groups,
-        preferred_element_type=jnp.int32,
-    )
-
-
 def _int8_layer_apply(
     module: nn.Module, x: jax.Array, entry: Mapping[str, Any], qmin: int, qmax: int, path: str
 ) -> jax.Array:
@@ -281,6 +199,8 @@ def _int8_layer_apply(
             f"has {features}: the int8 tree does not match the model"
         )
     zero_point = entry["input_zero_point"]
+    # `quantize` rounds in at least float32, so a bfloat16 input gets the codes its
+    # fake-quant twin gets.
     q = numerics.quantize(x, entry["input_scale"], zero_point, qmin, qmax, dtype=jnp.int8)
     if isinstance(module, nn.Dense):
         if kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
@@ -292,7 +212,7 @@ def _int8_layer_apply(
             q, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32
         )
     else:
-        geometry = _conv_geometry(module, x, kernel, path)
+        geometry = qat.layer_geometry(module, x, kernel, path)
         groups = geometry["feature_group_count"]
         if kernel.shape[-2] * groups != x.shape[-1]:
             raise ValueError(
@@ -303,13 +223,14 @@ def _int8_layer_apply(
         # the zero-point correction below is the same at the borders as inside.
         pads = [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry["padding"]), (0, 0, 0)]
         q = lax.pad(q, zero_point.astype(jnp.int8), pads)
-        spatial = kernel.ndim - 2
-        dimension_numbers = lax.ConvDimensionNumbers(
-            lhs_spec=(0, spatial + 1, *range(1, spatial + 1)),
-            rhs_spec=(spatial + 1, spatial, *range(spatial)),
-            out_spec=(0, spatial + 1, *range(1, spatial + 1)),
+        accumulator = ops.integer_conv(
+            q,
+            kernel,
+            window_strides=geometry["window_strides"],
+            rhs_dilation=geometry["rhs_dilation"],
+            feature_group_count=groups,
+            dimension_numbers=geometry["dimension_numbers"],
         )
-        accumulator = _int8_conv(q, kernel, geometry, dimension_numbers)
     # sum((q - zp) * w) = sum(q * w) - zp * sum(w), exact in int32.
     window_sum = jnp.sum(kernel.astype(jnp.int32), axis=tuple(range(kernel.ndim - 1)))
     accumulator = accumulator - zero_point.astype(jnp.int32) * window_sum

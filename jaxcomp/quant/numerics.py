@@ -1,9 +1,9 @@
 """Integer quantization numerics: integer ranges, rounding, range estimation.
 
-Rounding (`quantize`, `dequantize`, `fake_quant`), range estimation (`min_max`,
-`abs_max`, `percentile_range`) and the choice of scale and zero point
-(`scale_and_zero_point`) are separate small functions; injecting them into a
-model is `jaxcomp.quant.qat`'s job.
+Rounding (`quantize`, `dequantize`, `fake_quant`, `fake_quant_codes`), range
+estimation (`min_max`, `abs_max`, `percentile_range`) and the choice of scale
+and zero point (`scale_and_zero_point`) are separate small functions; injecting
+them into a model is `jaxcomp.quant.qat`'s job.
 
 The arithmetic follows PyTorch's fake-quantize kernels (ATen
 `QuantizedOpKernels.cpp`) so that forward values agree bit for bit:
@@ -120,6 +120,9 @@ def int_range(bits: int = 8, signed: bool = True, narrow: bool = False) -> tuple
 def _round_and_shift(x: jax.Array, scale: jax.Array, zero_point: jax.Array) -> jax.Array:
     # torch multiplies by a float32 `inv_scale = 1.0f / scale` and adds the zero
     # point after rounding; doing the same keeps forward values bit-identical.
+    # In at least float32: a bfloat16 product would be rounded to 8 significant
+    # bits before it is rounded to a code, and land on the wrong code.
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     inv_scale = 1.0 / scale.astype(jnp.float32)
     return jnp.round(x * inv_scale.astype(x.dtype)) + zero_point.astype(x.dtype)
 
@@ -145,7 +148,7 @@ def quantize(
       dtype: result dtype (e.g. jnp.int8); None keeps `x.dtype`.
 
     Returns:
-      An integer-valued array of `x`'s shape.
+      An integer-valued array of `x`'s shape (the arithmetic is in at least float32).
 
     Example:
       >>> quantize(jnp.array([0.5, 1.5, 9.0]), 1.0, 0, -4, 3)
@@ -156,7 +159,7 @@ def quantize(
     scale = _broadcast_param(scale, x, axis, "scale")
     zero_point = _broadcast_param(zero_point, x, axis, "zero_point")
     q = jnp.clip(_round_and_shift(x, scale, zero_point), qmin, qmax)
-    return q if dtype is None else q.astype(dtype)
+    return q.astype(x.dtype if dtype is None else dtype)
 
 
 def dequantize(
@@ -242,6 +245,71 @@ def fake_quant(
     scale = _broadcast_param(scale, x, axis, "scale").astype(jnp.float32)
     zero_point = _broadcast_param(zero_point, x, axis, "zero_point").astype(jnp.float32)
     return _fake_quant(x, scale, zero_point, qmin, qmax)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fake_quant_codes(x, scale, zero_point, qmin, qmax):
+    return _fake_quant_codes_fwd(x, scale, zero_point, qmin, qmax)[0]
+
+
+def _fake_quant_codes_fwd(x, scale, zero_point, qmin, qmax):
+    shifted = _round_and_shift(x, scale, zero_point)
+    codes = jnp.clip(shifted, qmin, qmax) - zero_point.astype(shifted.dtype)
+    in_range = (shifted >= qmin) & (shifted <= qmax)
+    return codes, (in_range, scale, zero_point)
+
+
+def _fake_quant_codes_bwd(qmin, qmax, residuals, grad):
+    in_range, scale, zero_point = residuals
+    return (
+        jnp.where(in_range, grad / scale.astype(grad.dtype), jnp.zeros_like(grad)),
+        jnp.zeros_like(scale),
+        jnp.zeros_like(zero_point),
+    )
+
+
+_fake_quant_codes.defvjp(_fake_quant_codes_fwd, _fake_quant_codes_bwd)
+
+
+def fake_quant_codes(
+    x: jax.Array,
+    scale: jax.Array,
+    zero_point: jax.Array,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+) -> jax.Array:
+    """The integers `fake_quant` multiplies by `scale`, with the straight-through gradient.
+
+    Forward: `quantize(x) - zero_point`, integer-valued, in at least float32
+    (|values| <= 255 for 8 bits, so exact in bfloat16 too). Backward: d/dx is
+    `1 / scale` where `fake_quant`'s is 1, else 0, so that `codes * scale` has
+    exactly `fake_quant`'s gradient; `scale` and `zero_point` get zero gradient.
+    Products of such codes are exact in bfloat16 and their sums in float32, which
+    is how a layer computing in bfloat16 stays exact (`jaxcomp.quant.qat`).
+
+    Args:
+      x: float array.
+      scale: scalar, or 1-D of size `x.shape[axis]`; finite and > 0.
+      zero_point: like `scale` (integer-valued, within [qmin, qmax]).
+      qmin: smallest integer code (a Python int).
+      qmax: largest integer code (a Python int).
+      axis: channel axis of per-channel parameters (negative allowed), or None.
+
+    Returns:
+      Integer-valued codes of `x`'s shape, float32 (or wider if `x` is).
+
+    Example:
+      >>> fake_quant_codes(jnp.array([0.26, -3.0]), 0.5, 0, -4, 3)
+      Array([ 1., -4.], dtype=float32)
+    """
+    qmin, qmax = _check_int_range(qmin, qmax)
+    _check_scale(scale)
+    scale = _broadcast_param(scale, x, axis, "scale").astype(jnp.float32)
+    zero_point = _broadcast_param(zero_point, x, axis, "zero_point").astype(jnp.float32)
+    # Widened out here, so that autodiff casts the gradient back to x's dtype.
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return _fake_quant_codes(wide, scale, zero_point, qmin, qmax)
 
 
 def _reduce_except(fn, x: jax.Array, axis: int | None) -> jax.Array:

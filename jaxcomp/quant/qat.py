@@ -12,6 +12,14 @@ Three pure pieces:
 * `quantized_apply` puts both around a model's `apply`, and `calibrate` runs it
   over a few batches for post-training quantization.
 
+Where a selected layer computes in a dtype narrower than float32 (a bfloat16
+model), fake-quantized values would be rounded to that dtype, and so would the
+layer's sums: the int8 serving path would no longer agree with it. Such a
+layer instead convolves the integer codes of its input and kernel
+(`numerics.fake_quant_codes`, exact in bfloat16), sums them in float32
+(`preferred_element_type`), rescales, adds its bias and returns float32, with
+the same straight-through gradients (`quantize_kernel_codes`).
+
 Layers are selected by rules over *layer paths* (module paths such as
 'backbone/block_1/expand/conv'); a layer is a module that owns a `kernel`
 parameter, so the candidates are read from the params tree, never guessed from
@@ -30,12 +38,15 @@ Example (QAT train step)::
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.linear import canonicalize_padding
+from jax import lax
 
+from jaxcomp import ops
 from jaxcomp.paths import Rules, leaf_names, map_with_names, resolve_rules
 from jaxcomp.quant import numerics, observers
 
@@ -328,6 +339,87 @@ def fake_quant_folded_weights(
     return _fake_quant_selected(params, rules, bits, on_unmatched, quantize_leaf)
 
 
+class KernelCodes(NamedTuple):
+    """A fake-quantized kernel as integer codes times a per-output-channel step.
+
+    `codes * step` is the kernel `quantize_weights` gives (to float32 rounding).
+
+    Attributes:
+      codes: integer-valued float32 kernel (|codes| <= 127 for 8 bits), whose
+        straight-through gradient reaches the float kernel (and BatchNorm scale).
+      step: [C] float32 value of one code per output channel (the weight scale,
+        divided by the BatchNorm multiplier when folded); no gradient reaches it
+        through the scale, as in `fake_quant`.
+    """
+
+    codes: jax.Array
+    step: jax.Array
+
+
+def _kernel_codes(kernel: jax.Array, bits: int) -> KernelCodes:
+    scale, zero_point, qmin, qmax = numerics.weight_qparams(kernel, bits, axis=-1)
+    codes = numerics.fake_quant_codes(kernel, scale, zero_point, qmin, qmax, axis=-1)
+    return KernelCodes(codes, jax.lax.stop_gradient(scale))
+
+
+def _folded_kernel_codes(kernel, gamma, var, bits, epsilon) -> KernelCodes:
+    multiplier = bn_multiplier(gamma, jax.lax.stop_gradient(var), epsilon)
+    dead = multiplier == 0
+    safe = jnp.where(dead, 1.0, multiplier)
+    codes, scale = _kernel_codes(kernel * multiplier, bits)
+    # As `_folded_fake_quant`: a channel whose gamma is 0 keeps its float kernel (its
+    # BatchNorm outputs the bias whatever the sums are), one unit per "code".
+    return KernelCodes(jnp.where(dead, kernel, codes), jnp.where(dead, 1.0, scale / safe))
+
+
+def quantize_kernel_codes(
+    params: Any, batch_stats: Any, config: QuantConfig
+) -> dict[str, KernelCodes]:
+    """The kernels `quantize_weights` fake-quantizes, as integer codes and steps, by layer.
+
+    Args:
+      params: a params pytree.
+      batch_stats: BatchNorm statistics (may be None when the model has none).
+      config: the quantization config.
+
+    Returns:
+      {layer path: KernelCodes} for the layers `config` selects.
+
+    Example:
+      >>> codes = quantize_kernel_codes(params, batch_stats, QuantConfig())
+      >>> kernel = codes["backbone/stem/conv"].codes * codes["backbone/stem/conv"].step
+    """
+    rules = kernel_rules(config.rules)
+    values = _rule_values(params, rules, config.on_unmatched)
+    stats = _leaves_by_name(batch_stats)
+    by_name = _leaves_by_name(params)
+    pairs = (
+        conv_bn_pairs(params, config.conv_pattern, config.bn_template)
+        if config.fold_batch_norm and batch_stats is not None
+        else {}
+    )
+    kernels = {}
+    for name, leaf, value in zip(leaf_names(params), jax.tree.leaves(params), values, strict=True):
+        bits = _bits_for(value, config.weight_bits, name)
+        if bits is None:
+            continue
+        _check_kernel(name, leaf)
+        layer = name.removesuffix("/kernel")
+        bn = pairs.get(name)
+        if bn is None:
+            kernels[layer] = _kernel_codes(leaf, bits)
+            continue
+        if f"{bn}/var" not in stats:
+            raise ValueError(
+                f"{name} is paired with BatchNorm {bn} but batch_stats has no {bn}/var; "
+                "pass the model's batch_stats collection"
+            )
+        kernels[layer] = _folded_kernel_codes(
+            leaf, by_name[f"{bn}/scale"], stats[f"{bn}/var"], bits, config.bn_epsilon
+        )
+    return kernels
+
+
 def kernel_rules(rules: Rules) -> list[tuple[str, Any]]:
     """Turns rules over layer paths into rules over their kernel leaves ('<layer>/kernel')."""
     return [(f"(?:{pattern})/kernel", value) for pattern, value in rules]
@@ -396,6 +488,135 @@ def input_observer(quant_stats: Any, layer: str) -> observers.ObserverState | No
     return None if value is None else observers.as_observer_state(value)
 
 
+def _broadcast_ints(value: Any, count: int) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * count
+    if isinstance(value, int):
+        return (value,) * count
+    return tuple(value)
+
+
+def layer_geometry(module: nn.Module, x: jax.Array, kernel: jax.Array, path: str) -> dict:
+    """`lax.conv_general_dilated` arguments of a conv-like layer, with explicit padding.
+
+    Read from `nn.Conv`'s attributes, or from a module's own
+    `conv_geometry(in_features)` (a depthwise layer written as its own module
+    declares itself so), so that a layer can be re-implemented from its kernel
+    without knowing its class.
+
+    Args:
+      module: the layer (bound or not).
+      x: its input, channels last.
+      kernel: its kernel, (spatial..., in / groups, out).
+      path: the layer path, for error messages.
+
+    Returns:
+      {'window_strides', 'padding' (pairs), 'rhs_dilation', 'feature_group_count',
+      'dimension_numbers' (channels-last `lax.ConvDimensionNumbers`)}.
+    """
+    spatial = kernel.ndim - 2
+    if x.ndim != spatial + 2:
+        raise ValueError(
+            f"quantized layer {path} expects an input of rank {spatial + 2} (batch, spatial, "
+            f"channels), got shape {x.shape}"
+        )
+    if hasattr(module, "conv_geometry"):
+        geometry = dict(module.conv_geometry(x.shape[-1]))
+    elif isinstance(module, nn.Conv):
+        if _broadcast_ints(module.input_dilation, spatial) != (1,) * spatial:
+            raise ValueError(f"quantized layer {path}: input_dilation is not supported")
+        if module.mask is not None:
+            raise ValueError(f"quantized layer {path}: masked convolutions are not supported")
+        geometry = {
+            "window_strides": _broadcast_ints(module.strides, spatial),
+            "padding": canonicalize_padding(module.padding, spatial),
+            "rhs_dilation": _broadcast_ints(module.kernel_dilation, spatial),
+            "feature_group_count": module.feature_group_count,
+        }
+    else:
+        raise ValueError(
+            f"quantized layer {path} is a {type(module).__name__}, which is neither nn.Conv, "
+            "nn.Dense nor a module declaring conv_geometry(); keep it float with a rule "
+            f"({path!r}, None)"
+        )
+    geometry.setdefault("rhs_dilation", (1,) * spatial)
+    padding = geometry["padding"]
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID", "SAME_LOWER"):
+            raise ValueError(f"quantized layer {path}: padding {padding!r} is not supported")
+        dilations = zip(kernel.shape[:spatial], geometry["rhs_dilation"], strict=True)
+        dilated = [(size - 1) * dilation + 1 for size, dilation in dilations]
+        padding = lax.padtype_to_pads(x.shape[1:-1], dilated, geometry["window_strides"], padding)
+    geometry["padding"] = tuple(tuple(pair) for pair in padding)
+    channels_last = (0, spatial + 1, *range(1, spatial + 1))
+    geometry["dimension_numbers"] = lax.ConvDimensionNumbers(
+        lhs_spec=channels_last,
+        rhs_spec=(spatial + 1, spatial, *range(spatial)),
+        out_spec=channels_last,
+    )
+    return geometry
+
+
+def _compute_dtype(module: nn.Module, x: jax.Array) -> jnp.dtype:
+    """The dtype a layer computes in: its `dtype`, else (Flax's rule) its input's and float32."""
+    dtype = getattr(module, "dtype", None)
+    return jnp.dtype(jnp.promote_types(x.dtype, jnp.float32) if dtype is None else dtype)
+
+
+def _sums_of_codes(
+    module: nn.Module, codes: jax.Array, kernel: jax.Array, dtype: jnp.dtype, path: str
+) -> jax.Array:
+    """The layer's convolution (or dot) of integer codes in `dtype`, summed in float32."""
+    codes, kernel = codes.astype(dtype), kernel.astype(dtype)
+    if isinstance(module, nn.Dense):
+        return lax.dot_general(
+            codes,
+            kernel,
+            (((codes.ndim - 1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+    geometry = layer_geometry(module, codes, kernel, path)
+    strides = geometry["window_strides"]
+    groups = geometry["feature_group_count"]
+    if (
+        kernel.shape == (3, 3, 1, codes.shape[-1])
+        and groups == codes.shape[-1]
+        and geometry["padding"] == ops.DEPTHWISE_PADDING
+        and strides[0] == strides[1]
+        and tuple(geometry["rhs_dilation"]) == (1, 1)
+    ):
+        return ops.depthwise_conv3x3(codes, kernel, strides[0], preferred_element_type=jnp.float32)
+    return ops.conv_general_dilated_per_platform(
+        codes,
+        kernel,
+        strides,
+        geometry["padding"],
+        rhs_dilation=geometry["rhs_dilation"],
+        dimension_numbers=geometry["dimension_numbers"],
+        feature_group_count=groups,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _apply_from_codes(
+    module: nn.Module,
+    x: jax.Array,
+    kernel: KernelCodes,
+    qparams: tuple[jax.Array, jax.Array, int, int],
+    dtype: jnp.dtype,
+    path: str,
+) -> jax.Array:
+    """A fake-quantized layer computing in `dtype` as exactly as in float32 (see the module doc)."""
+    scale, zero_point, qmin, qmax = qparams
+    codes = numerics.fake_quant_codes(x, scale, zero_point, qmin, qmax)
+    # Zero padding of `codes` is padding of x with the code of 0.0, as in float32.
+    sums = _sums_of_codes(module, codes, kernel.codes, dtype, path)
+    # The scales get no gradient, as in `fake_quant`.
+    out = sums * (jax.lax.stop_gradient(scale) * kernel.step)
+    bias = module.get_variable("params", "bias")
+    return out if bias is None else out + bias
+
+
 def check_calibrated(quant_stats: Any, layers: Sequence[str]) -> None:
     """Raises if a layer has no observer, or (when concrete) one that saw no batch."""
     for layer in layers:
@@ -406,7 +627,12 @@ def check_calibrated(quant_stats: Any, layers: Sequence[str]) -> None:
 
 
 def activation_quant_interceptor(
-    layers: Sequence[str], config: QuantConfig, *, mode: str, step: jax.Array | int | None = None
+    layers: Sequence[str],
+    config: QuantConfig,
+    *,
+    mode: str,
+    step: jax.Array | int | None = None,
+    kernel_codes: Mapping[str, KernelCodes] | None = None,
 ) -> Callable[..., Any]:
     """An interceptor that observes and fake-quantizes the inputs of `layers`.
 
@@ -414,7 +640,10 @@ def activation_quant_interceptor(
     it when `quant_stats` is mutable) the variable `quant_stats/<layer>/input`
     = {min, max, count}; in 'calibrate' and 'qat' modes it updates it with the
     input's range ('qat' stops at `config.freeze_observers_step`); in 'qat' and
-    'eval' modes it fake-quantizes the input before calling the layer.
+    'eval' modes it fake-quantizes the input before calling the layer. A layer
+    computing in a dtype narrower than float32, given its `kernel_codes`, is
+    computed from integer codes instead (see the module docstring) and returns
+    float32.
 
     Observer state lives in a Flax variable collection: an interceptor runs
     inside the module's compact scope, so `context.module.variable(...)` can
@@ -426,6 +655,8 @@ def activation_quant_interceptor(
       config: the quantization config.
       mode: 'calibrate', 'qat' or 'eval'.
       step: the train step (may be traced); needed when freezing observers in 'qat'.
+      kernel_codes: {layer path: KernelCodes} (`quantize_kernel_codes`), for layers
+        computing in bfloat16; None fake-quantizes their inputs as in float32.
 
     Returns:
       An interceptor for `flax.linen.intercept_methods`.
@@ -468,10 +699,19 @@ def activation_quant_interceptor(
             )
             variable.value = state._asdict()
         if mode != "calibrate":
-            scale, zero_point, qmin, qmax = observers.observer_qparams(
+            qparams = observers.observer_qparams(
                 state, config.activation_bits, config.activation_symmetric, name=path
             )
-            x = numerics.fake_quant(x, scale, zero_point, qmin, qmax)
+            dtype = _compute_dtype(module, x)
+            if kernel_codes is not None and jnp.finfo(dtype).bits < 32:
+                if len(args) > 1 or kwargs:
+                    raise ValueError(
+                        f"quantized layer {path} computes in {dtype} and takes arguments "
+                        "besides its input, which its integer-code form cannot pass on; "
+                        f"keep it float with a rule ({path!r}, None)"
+                    )
+                return _apply_from_codes(module, x, kernel_codes[path], qparams, dtype, path)
+            x = numerics.fake_quant(x, *qparams)
         return next_fun(x, *args[1:], **kwargs)
 
     return interceptor
@@ -507,6 +747,10 @@ def quantized_apply(
       `config.freeze_observers_step`, layer inputs fake-quantized.
     * 'eval': kernels and inputs fake-quantized with the stored (frozen) observers.
 
+    Layers computing in bfloat16 use integer codes (see the module docstring):
+    their output agrees with `jaxcomp.quant.int8_apply` to within one quantization
+    step, as in float32.
+
     In 'calibrate' and 'qat' modes `quant_stats` is added to `mutable`, so the
     result is `(output, updated_collections)`; in 'eval' mode the result is what
     `apply_fn` returns for the caller's `mutable`. Pass `model.apply` itself, not
@@ -534,12 +778,16 @@ def quantized_apply(
         check_calibrated(variables.get(QUANT_STATS), layers)
     else:
         mutable = _with_quant_stats(mutable)
+    kernel_codes = None
     if mode != "calibrate":
-        variables = {
-            **variables,
-            "params": quantize_weights(params, variables.get("batch_stats"), config),
-        }
-    interceptor = activation_quant_interceptor(layers, config, mode=mode, step=step)
+        batch_stats = variables.get("batch_stats")
+        # Float32 layers read the first, narrower ones the second; under jit XLA
+        # drops the one no layer reads.
+        variables = {**variables, "params": quantize_weights(params, batch_stats, config)}
+        kernel_codes = quantize_kernel_codes(params, batch_stats, config)
+    interceptor = activation_quant_interceptor(
+        layers, config, mode=mode, step=step, kernel_codes=kernel_codes
+    )
     with nn.intercept_methods(interceptor):
         return apply_fn(variables, *args, mutable=mutable, **kwargs)
 

@@ -235,6 +235,7 @@ def test_method_trains_through_the_cli_resumes_exactly_and_exports(
         steps = jax.tree.leaves(resumed.method_params["quant"])
         assert steps and all(np.all(np.isfinite(leaf)) for leaf in steps)
         assert bool(resumed.methods["quant"]["initialized"])
+        _check_lsq_onnx_export(str(tmp_path / "cli"), resumed, config, tmp_path)
     if method == "movement":
         scores = jax.tree.leaves(resumed.methods["prune"]["scores"])
         assert any(np.any(leaf != 0) for leaf in scores)
@@ -244,6 +245,32 @@ def test_method_trains_through_the_cli_resumes_exactly_and_exports(
         metrics = [json.loads(line) for line in open(tmp_path / "cli" / "metrics.jsonl")]
         logged = [m for m in metrics if "distill_feature_neck" in m]
         assert logged and "distill_feature_heatmap_conv" in logged[-1]
+
+
+def _check_lsq_onnx_export(workdir, state, config, tmp_path):
+    """The int8 ONNX export of an LSQ run carries its learned steps and serves its codes."""
+    from jaxcomp.export import check
+    from jaxcomp.export.onnx import export_run
+
+    exported = export_run(workdir, int8=True, raw_heads=True, output=str(tmp_path / "lsq.onnx"))
+    tree = exported.run.int8_tree()
+    layer = "size/out"
+    entry = paths.lookup(tree["int8"], layer)
+    learned = state.method_params["quant"]
+    np.testing.assert_allclose(
+        entry["input_scale"], np.exp(paths.lookup(learned["inputs"], layer)), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        entry["kernel_scale"], np.exp(paths.lookup(learned["weights"], layer)), rtol=1e-6
+    )
+    images = check.eval_images(config, image_size=64, count=8)
+    codes, _ = check.int8_reference(
+        exported.run.model, tree, exported.run.quant_config, images, raw_heads=True
+    )
+    served, _ = check.run_with_codes(exported.proto, images, codes, optimize=False)
+    differences = check.code_differences(served, codes)
+    assert len(differences) == exported.int8_layers > 0
+    assert max(differences.values()) <= 1, {k: v for k, v in differences.items() if v > 1}
 
 
 def test_lsq_int8_export_serves_what_lsq_fake_quant_computes(tiny_data_dir):

@@ -4,7 +4,7 @@ A run's workdir has `config.json` (the experiment config), `checkpoints/` (orbax
 one directory per saved step) and, once the run has evaluated after its last
 step, `eval.json`. That is all an export reads: the config says which model
 and which quantization, the final checkpoint holds params, BatchNorm
-statistics and the activation observers (`quant_stats`).
+statistics and the activation observers (`quant_stats`) or, for LSQ, the learned steps.
 """
 
 import dataclasses
@@ -32,6 +32,8 @@ class FinishedRun:
       model: the detector; for a channel-pruned run, the shrunk one.
       variables: {'params', 'batch_stats'} of `model` (pruned zeros kept).
       quant_stats: the activation observers, or None for a run without quantization.
+      learned_steps: an LSQ run's learned step sizes and zero points
+        ({'log_steps', 'zero_points'}), else None.
       quant_config: the run's `QuantConfig`, or None.
       shrunk_widths: the channel widths a channel-pruned run was shrunk to, else None.
     """
@@ -44,14 +46,23 @@ class FinishedRun:
     quant_stats: Any
     quant_config: quant.QuantConfig | None
     shrunk_widths: dict[str, int] | None = None
+    learned_steps: Any = None
 
     def int8_tree(self) -> dict[str, Any]:
-        """The run's int8 serving tree (`quant.convert_to_int8`).
+        """The run's int8 serving tree: observer ranges (QAT, PTQ) or learned steps (LSQ).
 
         Raises:
           ValueError: the run has no quantization.
         """
         require_quantization(self.config, self.workdir)
+        if self.learned_steps is not None:
+            return quant.lsq.int8_tree(
+                self.variables["params"],
+                self.variables["batch_stats"],
+                self.learned_steps["log_steps"],
+                self.learned_steps["zero_points"],
+                self.quant_config,
+            )
         return jax.device_get(
             quant.convert_to_int8(
                 self.variables["params"],
@@ -143,13 +154,16 @@ def _restore(workdir: str, step: int) -> dict[str, Any]:
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), stored
         )
         restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-    # QAT and PTQ keep their observers in the quantization method's state.
-    observers = (restored.get("methods") or {}).get("quant", {}).get(quant.QUANT_STATS)
+    # QAT and PTQ keep their observers in the quantization method's state; LSQ its
+    # zero points there and its steps in the method's trainable parameters.
+    quant_state = (restored.get("methods") or {}).get("quant", {})
     return jax.device_get(
         {
             "params": restored["params"],
             "batch_stats": restored["batch_stats"],
-            "quant_stats": observers,
+            "quant_stats": quant_state.get(quant.QUANT_STATS),
+            "zero_points": quant_state.get("zero_points"),
+            "log_steps": (restored.get("method_params") or {}).get("quant"),
         }
     )
 
@@ -200,14 +214,17 @@ def load_run(workdir: str) -> FinishedRun:
     quant_config = None
     if config.quant.mode != "none":
         quant_config = quant.quant_config_of(config.quant, methods.default_quant_rules())
-    quant_stats = state.get("quant_stats")
+    quant_stats = state["quant_stats"]
+    learned_steps = None
     if config.quant.mode == "lsq":
-        raise ValueError(
-            f"the run in {workdir} learned its int8 step sizes (config.quant.mode='lsq'); the "
-            "ONNX export reads observer ranges (QAT, PTQ) only. Its int8 tree, with the "
-            f"learned steps, is in {workdir}/export/int8"
-        )
-    if quant_config is not None and quant_stats is None:
+        if state["log_steps"] is None or state["zero_points"] is None:
+            raise ValueError(
+                f"the run in {workdir} has config.quant.mode='lsq' but its checkpoint of step "
+                f"{step} holds no learned steps or zero points; the checkpoint is not this "
+                "config's, retrain it"
+            )
+        learned_steps = {"log_steps": state["log_steps"], "zero_points": state["zero_points"]}
+    elif quant_config is not None and quant_stats is None:
         raise ValueError(
             f"the run in {workdir} has config.quant.mode={config.quant.mode!r} but its "
             f"checkpoint of step {step} holds no quant_stats (activation observers); the "
@@ -232,4 +249,5 @@ def load_run(workdir: str) -> FinishedRun:
         quant_stats=quant_stats,
         quant_config=quant_config,
         shrunk_widths=widths,
+        learned_steps=learned_steps,
     )

@@ -245,16 +245,28 @@ def lsq(model: nn.Module, image_size: int, config: qat.QuantConfig) -> transform
     )
 
 
-def _int8_form(model, variables, view, config) -> transforms.Export:
-    """The int8 tree of the learned steps: the serving path's scales are the steps."""
-    params, batch_stats = variables["params"], variables["batch_stats"]
+def int8_tree(
+    params: Any, batch_stats: Any, log_steps: Mapping, zero_points: Any, config: qat.QuantConfig
+) -> dict[str, Any]:
+    """The int8 serving tree (as `convert_to_int8`'s) whose scales are LSQ's learned steps.
+
+    Args:
+      params: the model's float parameters.
+      batch_stats: its BatchNorm statistics (folded as in QAT).
+      log_steps: the method's trainable parameters, {'weights', 'inputs'} log steps by layer.
+      zero_points: the method state's input zero points by layer.
+      config: the run's `QuantConfig`.
+
+    Returns:
+      {'int8': ..., 'float': ...} for `int8_apply` and the ONNX export.
+    """
     layers = qat.quantized_layers(params, config)
     qmin, qmax = _input_range(config)
     # Observer ranges whose scale and zero point are the learned ones.
     ranges = {}
     for layer in layers:
-        step = jnp.exp(paths.lookup(view.params["inputs"], layer))
-        zero_point = paths.lookup(view.state["zero_points"], layer)
+        step = jnp.exp(paths.lookup(log_steps["inputs"], layer))
+        zero_point = paths.lookup(zero_points, layer)
         ranges[layer] = {
             "input": {
                 "min": jnp.float32((qmin - zero_point) * step),
@@ -265,15 +277,25 @@ def _int8_form(model, variables, view, config) -> transforms.Export:
     tree = convert_to_int8(params, batch_stats, paths.nest(ranges), config)
     wmin, wmax = _weight_range(config.weight_bits)
     for layer, (folded, _) in _folded_kernels(params, batch_stats, layers, config).items():
-        step = jnp.maximum(jnp.exp(paths.lookup(view.params["weights"], layer)), _EPSILON)
+        step = jnp.maximum(jnp.exp(paths.lookup(log_steps["weights"], layer)), _EPSILON)
         entry = paths.lookup(tree["int8"], layer)
         entry["kernel"] = jnp.clip(jnp.round(folded / step), wmin, wmax).astype(jnp.int8)
         entry["kernel_scale"] = jnp.asarray(step, jnp.float32)
         # The learned values themselves: the range above gives them up to float rounding.
-        entry["input_scale"] = jnp.exp(paths.lookup(view.params["inputs"], layer))
-        zero_point = paths.lookup(view.state["zero_points"], layer)
+        entry["input_scale"] = jnp.exp(paths.lookup(log_steps["inputs"], layer))
+        zero_point = paths.lookup(zero_points, layer)
         entry["input_zero_point"] = jnp.asarray(zero_point, jnp.int32)
-    tree = jax.device_get(tree)
+    return jax.device_get(tree)
+
+
+def _int8_form(model, variables, view, config) -> transforms.Export:
+    tree = int8_tree(
+        variables["params"],
+        variables["batch_stats"],
+        view.params,
+        view.state["zero_points"],
+        config,
+    )
     return transforms.Export(
         tree=tree,
         apply=lambda tree, images: int8_apply(model, tree, images, config=config, train=False),

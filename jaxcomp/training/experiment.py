@@ -124,6 +124,7 @@ def method_context(
             num_classes=num_classes,
             depthwise_impl=config.model.depthwise_impl,
             channels=channels,
+            dtype=config.model.dtype,
         )
 
     return methods_registry.MethodContext(
@@ -159,6 +160,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         num_classes=num_classes,
         depthwise_impl=config.model.depthwise_impl,
         channels=config.model.channels,
+        dtype=config.model.dtype,
     )
     variables = abstract_variables(model, config.data.image_size)
     methods = methods_registry.build_methods(

@@ -23,15 +23,19 @@ results: $(STAMP)
 		--results_dir=results
 
 # Tests mostly wait on single-threaded XLA compiles: one worker per core (at most 4).
+# `loadgroup` keeps the tests of one `xdist_group` on one worker, so that their
+# module fixture (the two-process runs of tests/test_distributed.py) is built once.
+PYTEST := $(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4 --dist=loadgroup
+
 test: $(STAMP)
-	$(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4
+	$(PYTEST)
 
 # The tests `make test` deselects. pytest exits 5 when it collects none: not a failure.
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4 -m slow || [ $$? -eq 5 ]
+	$(PYTEST) -m slow || [ $$? -eq 5 ]
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest --numprocesses=auto --maxprocesses=4 -m ''
+	$(PYTEST) -m ''
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/efficiency.py

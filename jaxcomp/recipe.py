@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from jaxcomp import huge_pages, report, training
+from jaxcomp import cluster, huge_pages, report, training
 from jaxcomp.config import load_config_file
 
 FLAGS = flags.FLAGS
@@ -42,6 +42,7 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "results_dir", None, "Also write the table (markdown, JSON) and the plots here."
     )
+    cluster.define_flags()
     flags.DEFINE_string(
         "compilation_cache_dir",
         "~/.cache/jaxcomp/xla",
@@ -232,9 +233,11 @@ def main(argv):
     del argv
     # Before anything else, as jaxcomp.main does (jaxcomp/huge_pages.py).
     huge_pages.restart_with_huge_pages()
+    cluster.check_flags(FLAGS)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and TFDS are chatty at INFO
     training.enable_compilation_cache(FLAGS.compilation_cache_dir)
+    cluster.initialize(FLAGS)
     rows = run_recipe(FLAGS.config, FLAGS.workdir, FLAGS.stages, FLAGS.results_dir)
     if jax.process_index() != 0 or not rows:
         return

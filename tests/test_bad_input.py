@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from absl import app
 
-from jaxcomp import main, paths, prune, quant, training
+from jaxcomp import cluster, paths, prune, quant, training
 from jaxcomp.config import default_config, validate_config
 from jaxcomp.data import pipeline
 from jaxcomp.models import create_model
@@ -257,7 +257,7 @@ CLI_CASES = [
         "cluster_flags_without_distributed",
         "`--coordinator_address=... --num_processes=2` without `--distributed`",
         "UsageError: they need --distributed (without it each host would train alone)",
-        lambda: main.check_distributed_flags(False, "10.0.0.2:1234", 2, 0),
+        lambda: cluster.check_distributed_flags(False, "10.0.0.2:1234", 2, 0),
         app.UsageError,
         r"--coordinator_address, --num_processes, --process_id given without --distributed, "
         r"which they need: add --distributed",
@@ -266,7 +266,7 @@ CLI_CASES = [
         "coordinator_without_port",
         "`--coordinator_address=10.0.0.2` (no port)",
         "UsageError: must be host:port of process 0",
-        lambda: main.check_distributed_flags(True, "10.0.0.2", 2, 0),
+        lambda: cluster.check_distributed_flags(True, "10.0.0.2", 2, 0),
         app.UsageError,
         r"--coordinator_address must be host:port of process 0, got '10\.0\.0\.2'",
     ),
@@ -274,7 +274,7 @@ CLI_CASES = [
         "process_id_out_of_range",
         "`--process_id=2 --num_processes=2`",
         "UsageError: must be in [0, --num_processes), number the processes from 0",
-        lambda: main.check_distributed_flags(True, "10.0.0.2:1234", 2, 2),
+        lambda: cluster.check_distributed_flags(True, "10.0.0.2:1234", 2, 2),
         app.UsageError,
         r"--process_id must be in \[0, --num_processes=2\), got 2; number the processes 0",
     ),
@@ -282,7 +282,7 @@ CLI_CASES = [
         "no_processes",
         "`--num_processes=0`",
         "UsageError: must be >= 1",
-        lambda: main.check_distributed_flags(True, "10.0.0.2:1234", 0, None),
+        lambda: cluster.check_distributed_flags(True, "10.0.0.2:1234", 0, None),
         app.UsageError,
         r"--num_processes must be >= 1, got 0",
     ),
@@ -296,9 +296,9 @@ def test_bad_cluster_flags_are_refused(case):
 
 
 def test_good_cluster_flags_pass():
-    main.check_distributed_flags(False, None, None, None)
-    main.check_distributed_flags(True, None, None, None)  # TPU VMs, SLURM: auto-detected
-    main.check_distributed_flags(True, "localhost:1234", 2, 1)
+    cluster.check_distributed_flags(False, None, None, None)
+    cluster.check_distributed_flags(True, None, None, None)  # TPU VMs, SLURM: auto-detected
+    cluster.check_distributed_flags(True, "localhost:1234", 2, 1)
 
 
 # --- rules, masks and quantization -----------------------------------------------------------

@@ -15,13 +15,16 @@ their losses to ~1e-5, and their parameters to within a small fraction of the
 distance training moved them, not bit for bit.
 """
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -39,10 +42,11 @@ SIZE = 64
 # Cold compiles dominate (~3.5 min on 2 CPU cores): the single-process run, then the two
 # processes compiling side by side. (`jax_share_binary_between_hosts` would compile once, but
 # in jax 0.10.2 process 1 hung here, waiting for a program that process 0 never shared.)
-pytestmark = pytest.mark.slow
+# One worker builds the module fixture once (`make test-slow` runs with --dist=loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 
 
-def _config_file(directory, data_dir: str) -> str:
+def _config_file(directory, data_dir: str, **changes) -> str:
     """conftest's tiny config as a config file, checkpointing every step of a 3-step run."""
     overrides = {
         "data.name": "jaxcomp_embedded/tiny",
@@ -62,6 +66,7 @@ def _config_file(directory, data_dir: str) -> str:
         "optim.warmup_steps": 1,
         "eval.batch_size": 16,
         "eval.top_k": 20,
+        **changes,
     }
     path = directory / "tiny_distributed.py"
     path.write_text(
@@ -80,8 +85,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run(commands: list[tuple[list[str], int]], log_paths: list, timeout: float) -> None:
-    """Runs `(command, device count)` pairs at once; fails with the log of one that failed."""
+@contextlib.contextmanager
+def _started(commands: list[tuple[list[str], int]], log_paths: list):
+    """Starts `(command, device count)` pairs at once; kills what still runs on exit."""
     processes = []
     try:
         for (command, devices), log_path in zip(commands, log_paths, strict=True):
@@ -96,15 +102,26 @@ def _run(commands: list[tuple[list[str], int]], log_paths: list, timeout: float)
                         command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
                     )
                 )
-        for process in processes:
-            process.wait(timeout=timeout)
+        yield processes
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def _wait_all(processes, log_paths: list, timeout: float) -> None:
+    """Waits for every process; fails with the log of one that failed."""
+    for process in processes:
+        process.wait(timeout=timeout)
     for process, log_path in zip(processes, log_paths, strict=True):
         assert process.returncode == 0, log_path.read_text()[-5000:]
+
+
+def _run(commands: list[tuple[list[str], int]], log_paths: list, timeout: float) -> None:
+    """Runs `(command, device count)` pairs at once; fails with the log of one that failed."""
+    with _started(commands, log_paths) as processes:
+        _wait_all(processes, log_paths, timeout)
 
 
 def _cli(config_path: str, workdir, cache_dir, *distributed: str) -> list[str]:
@@ -116,6 +133,25 @@ def _cli(config_path: str, workdir, cache_dir, *distributed: str) -> list[str]:
         f"--workdir={workdir}",
         f"--compilation_cache_dir={cache_dir}",
         *distributed,
+    ]
+
+
+def _two_process_commands(config_path: str, workdir, cache_dir) -> list[tuple[list[str], int]]:
+    coordinator = f"--coordinator_address=localhost:{_free_port()}"
+    return [
+        (
+            _cli(
+                config_path,
+                workdir,
+                cache_dir,
+                "--distributed",
+                coordinator,
+                "--num_processes=2",
+                f"--process_id={index}",
+            ),
+            2,
+        )
+        for index in range(2)
     ]
 
 
@@ -144,24 +180,8 @@ def runs(tmp_path_factory, tiny_data_dir):
     _run([(_cli(config_path, one, cache_dir), 4)], [directory / "one.log"], timeout=600)
     _copy_step(one, RESUME_STEP, two)
     _copy_step(one, RESUME_STEP, start)
-    coordinator = f"--coordinator_address=localhost:{_free_port()}"
     logs = [directory / f"two_{index}.log" for index in range(2)]
-    commands = [
-        (
-            _cli(
-                config_path,
-                two,
-                cache_dir,
-                "--distributed",
-                coordinator,
-                "--num_processes=2",
-                f"--process_id={index}",
-            ),
-            2,
-        )
-        for index in range(2)
-    ]
-    _run(commands, logs, timeout=600)
+    _run(_two_process_commands(config_path, two, cache_dir), logs, timeout=600)
     assert f"Resuming from the checkpoint of step {RESUME_STEP}" in logs[0].read_text()
     return {"one": one, "two": two, "start": start, "config": config_path}
 
@@ -234,3 +254,36 @@ def test_init_from_restores_a_checkpoint_of_another_topology(runs):
             )
             for got, want in leaves:
                 np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def _logged_steps(workdir) -> int:
+    path = workdir / "metrics.jsonl"
+    return len(_train_rows(workdir)) if path.exists() else 0
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path, tiny_data_dir):
+    """One preempted host: both processes save one checkpoint together and exit 0."""
+    steps = 400  # far more than run between the first logged step and the signal
+    config_path = _config_file(
+        tmp_path, tiny_data_dir, **{"train.steps": steps, "train.checkpoint_every": steps}
+    )
+    workdir, cache_dir = tmp_path / "run", tmp_path / "xla_cache"
+    logs = [tmp_path / f"process_{index}.log" for index in range(2)]
+    commands = _two_process_commands(config_path, workdir, cache_dir)
+    with _started(commands, logs) as processes:
+        while _logged_steps(workdir) == 0:
+            assert all(p.poll() is None for p in processes), logs[1].read_text()[-3000:]
+            time.sleep(0.1)
+        processes[1].send_signal(signal.SIGTERM)
+        # A process left alone in a collective would hang: the timeout catches that.
+        _wait_all(processes, logs, timeout=300)
+    saved = sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
+    assert len(saved) == 1 and 0 < saved[0] < steps, saved
+    for log in logs:
+        assert f"saved step {saved[0]} " in log.read_text(), log.read_text()[-3000:]
+    assert not (workdir / "eval.json").exists()
+
+    logs = [tmp_path / f"resumed_{index}.log" for index in range(2)]
+    _run(_two_process_commands(config_path, workdir, cache_dir), logs, timeout=600)
+    assert f"Resuming from the checkpoint of step {saved[0]}" in logs[0].read_text()
+    assert json.loads((workdir / "eval.json").read_text())["step"] == steps

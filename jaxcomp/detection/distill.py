@@ -228,7 +228,10 @@ def distillation_loss(
         "distill_offset": spec.offset_weight,
         "distill_feature": spec.feature_weight,
     }
-    total = sum((weights[name] * value for name, value in terms.items()), jnp.zeros(()))
+    # Per-layer feature terms are logged only: `distill_feature` holds their weighted sum.
+    total = sum(
+        (weight * terms[name] for name, weight in weights.items() if name in terms), jnp.zeros(())
+    )
     return total, terms
 
 

@@ -61,8 +61,10 @@ def train_and_evaluate(
     experiment = build_experiment(config)
     try:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        # Hosts share the workdir: one writer, as for every file but orbax's.
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
     except OSError as error:
         raise OSError(
             error.errno, f"cannot write to workdir {workdir!r} ({error}); {_WORKDIR_FIX}"
@@ -145,7 +147,8 @@ def _train_loop(
     first_step_seconds = float("nan")
     step = start_step
     stopping = False
-    with StopRequest() as stop:
+    # Several processes stop together at the step JAX's preemption service agrees on.
+    with StopRequest(install=jax.process_count() == 1) as stop:
         for local_batch in batches:
             for name in bad_examples:
                 bad_examples[name] += int(local_batch[name].sum())

@@ -44,12 +44,17 @@ class MetricsWriter:
 class StopRequest:
     """Set by SIGTERM (what preemptible VMs send) or a first Ctrl-C: the loop saves and exits.
 
-    A second Ctrl-C interrupts at once, as usual.
+    A second Ctrl-C interrupts at once, as usual. With `install=False` (a run of
+    several processes) no handler is installed: a signal that stopped only the process
+    that received it would leave the others waiting in a collective. There JAX's
+    preemption service keeps its own SIGTERM handler and agrees on the step at which
+    every process stops (`CheckpointManager.reached_preemption`).
     """
 
     _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, install: bool = True):
+        self._install = install
         self._event = threading.Event()
         self._previous: dict[int, Any] = {}
 
@@ -63,7 +68,7 @@ class StopRequest:
 
     def __enter__(self):
         # Signal handlers can only be installed from the main thread.
-        if threading.current_thread() is threading.main_thread():
+        if self._install and threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self._SIGNALS}
         return self
 

@@ -197,16 +197,22 @@ def jit_eval_step(
 def evaluate(
     eval_fn: Callable, state: Any, batches: Iterable[dict], mesh: Mesh, class_names=None
 ) -> dict[str, float]:
-    """COCO metrics of `state` over every batch of `batches` (padding rows skipped)."""
-    collected: dict[str, list[np.ndarray]] = {}
+    """COCO metrics of `state` over every batch of `batches` (padding rows skipped).
+
+    The detections stay on the devices until the last batch; then one gather brings
+    every batch's rows to every process (not one collective per batch).
+    """
+    pending = []
     for local_batch in batches:
         batch = global_batch(local_batch, mesh, EVAL_FIELDS)
         detections = eval_fn(state, batch["image"])
         rows = {name: value for name, value in batch.items() if name != "image"}
         rows.update({f"det_{name}": value for name, value in detections.items()})
-        for name, value in multihost_utils.process_allgather(rows, tiled=True).items():
-            collected.setdefault(name, []).append(np.asarray(value))
-    arrays = {name: np.concatenate(values) for name, values in collected.items()}
+        pending.append(rows)
+    gathered = multihost_utils.process_allgather(pending, tiled=True)
+    arrays = {
+        name: np.concatenate([np.asarray(rows[name]) for rows in gathered]) for name in gathered[0]
+    }
     return evaluation.coco_metrics(
         gt_boxes=arrays["boxes"],
         gt_labels=arrays["labels"],

@@ -387,7 +387,10 @@ def quantize_kernel_codes(
 
     Example:
       >>> codes = quantize_kernel_codes(params, batch_stats, QuantConfig())
-      >>> kernel = codes["backbone/stem/conv"].codes * codes["backbone/stem/conv"].step
+      >>> layer, entry = next(iter(codes.items()))
+      >>> kernel = entry.codes * entry.step  # `layer`'s fake-quantized (BN-folded) kernel
+      >>> bool(jnp.all(entry.codes == jnp.round(entry.codes)))
+      True
     """
     rules = kernel_rules(config.rules)
     values = _rule_values(params, rules, config.on_unmatched)

@@ -15,6 +15,10 @@ ndim >= 2; nnx.State names end in 'kernel/value') or by rules
 `[(regex, sparsity_or_None), ...]` resolved with `jaxcomp.paths.resolve_rules`.
 Conv kernels are HWIO and dense kernels [in, out], so the output-channel axis
 is -1 and the input-channel axis is -2.
+
+One module of about 770 lines, on purpose: every mask kind (unstructured, N:M,
+channel; layer-wise or global) keeps the exact-count and tie rules above, and
+they are checked together.
 """
 
 import functools

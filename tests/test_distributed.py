@@ -86,13 +86,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _started(commands: list[tuple[list[str], int]], log_paths: list):
+def _started(commands: list[tuple[list[str], int]], log_paths: list, extra_env=None):
     """Starts `(command, device count)` pairs at once; kills what still runs on exit."""
     processes = []
     try:
         for (command, devices), log_path in zip(commands, log_paths, strict=True):
             env = {
                 **os.environ,
+                **(extra_env or {}),
                 "JAX_PLATFORMS": "cpu",
                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             }
@@ -257,33 +258,45 @@ def test_init_from_restores_a_checkpoint_of_another_topology(runs):
 
 
 def _logged_steps(workdir) -> int:
+    """Train rows in metrics.jsonl so far; a line being written is not counted."""
     path = workdir / "metrics.jsonl"
-    return len(_train_rows(workdir)) if path.exists() else 0
+    lines = path.read_text().splitlines() if path.exists() else []
+    return sum(1 for line in lines if line.endswith("}") and '"total"' in line)
 
 
 def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path, tiny_data_dir):
-    """One preempted host: both processes save one checkpoint together and exit 0."""
-    steps = 400  # far more than run between the first logged step and the signal
+    """One preempted host: both processes save one checkpoint together and exit 0.
+
+    Both processes wait after logging step 2 (`tests/pausing_cli.py`) while process 1
+    receives SIGTERM, so the signal lands at a known step however fast the machine.
+    """
+    steps, pause_at = 40, 2
     config_path = _config_file(
         tmp_path, tiny_data_dir, **{"train.steps": steps, "train.checkpoint_every": steps}
     )
     workdir, cache_dir = tmp_path / "run", tmp_path / "xla_cache"
+    resume_file = tmp_path / "resume"
+    pausing = [
+        ([sys.executable, os.path.join(REPO, "tests", "pausing_cli.py"), *command[3:]], devices)
+        for command, devices in _two_process_commands(config_path, workdir, cache_dir)
+    ]
     logs = [tmp_path / f"process_{index}.log" for index in range(2)]
-    commands = _two_process_commands(config_path, workdir, cache_dir)
-    with _started(commands, logs) as processes:
-        while _logged_steps(workdir) == 0:
+    pause = {"JAXCOMP_TEST_PAUSE_AT": str(pause_at), "JAXCOMP_TEST_RESUME": str(resume_file)}
+    with _started(pausing, logs, pause) as processes:
+        while _logged_steps(workdir) < pause_at:
             assert all(p.poll() is None for p in processes), logs[1].read_text()[-3000:]
             time.sleep(0.1)
         processes[1].send_signal(signal.SIGTERM)
+        resume_file.touch()
         # A process left alone in a collective would hang: the timeout catches that.
-        _wait_all(processes, logs, timeout=300)
+        _wait_all(processes, logs, timeout=1800)
     saved = sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
-    assert len(saved) == 1 and 0 < saved[0] < steps, saved
+    assert len(saved) == 1 and pause_at < saved[0] < steps, saved
     for log in logs:
         assert f"saved step {saved[0]} " in log.read_text(), log.read_text()[-3000:]
     assert not (workdir / "eval.json").exists()
 
     logs = [tmp_path / f"resumed_{index}.log" for index in range(2)]
-    _run(_two_process_commands(config_path, workdir, cache_dir), logs, timeout=600)
+    _run(_two_process_commands(config_path, workdir, cache_dir), logs, timeout=1800)
     assert f"Resuming from the checkpoint of step {saved[0]}" in logs[0].read_text()
     assert json.loads((workdir / "eval.json").read_text())["step"] == steps

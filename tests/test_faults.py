@@ -121,31 +121,6 @@ def _config_file(fields: dict, path) -> str:
     return str(path)
 
 
-# The CLI, paused after it logs one step (JAXCOMP_TEST_PAUSE_AT) until a file exists
-# (JAXCOMP_TEST_RESUME): a signal sent while it waits lands at a known step, however fast
-# the machine. It runs `jaxcomp.main` unchanged otherwise.
-_PAUSING_CLI = """import os
-import time
-
-from absl import app
-
-from jaxcomp import main, training
-
-PAUSE_AT = int(os.environ["JAXCOMP_TEST_PAUSE_AT"])
-write = training.MetricsWriter.write
-
-
-def write_then_pause(self, step, scalars):
-    write(self, step, scalars)
-    if step == PAUSE_AT and "total" in scalars:
-        while not os.path.exists(os.environ["JAXCOMP_TEST_RESUME"]):
-            time.sleep(0.01)
-
-
-training.MetricsWriter.write = write_then_pause
-app.run(main.main)
-"""
-
 # Resumed runs are compared bit for bit: every run computes on CPU, whatever the host has.
 _ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 # Generous bounds for a busy 2-core machine (a 90 s run took over 600 s at a load of 14):
@@ -176,14 +151,16 @@ def _run_cli(command: list[str]) -> str:
 def _start_paused(command: list[str], log, pause_at: int, resume_file):
     """Starts the CLI paused after logging step `pause_at`, until `resume_file` exists.
 
+    A signal sent while it waits lands at a known step, however fast the machine
+    (`tests/pausing_cli.py`).
+
     Its output goes to the file `log` (a pipe could fill and block).
     """
-    script = log.parent / "pausing_cli.py"
-    script.write_text(_PAUSING_CLI)
+    script = os.path.join(REPO, "tests", "pausing_cli.py")
     env = {**_ENV, "JAXCOMP_TEST_PAUSE_AT": str(pause_at), "JAXCOMP_TEST_RESUME": str(resume_file)}
     with open(log, "w") as output:
         return subprocess.Popen(
-            [sys.executable, str(script), *command[3:]],
+            [sys.executable, script, *command[3:]],
             cwd=REPO,
             env=env,
             stdout=output,

@@ -9,22 +9,18 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
-from jaxcomp.models import OUTPUT_STRIDE
-
 NUM_CLASSES = 14
 
 
 def synthetic_batch(batch_size: int, image_size: int, max_objects: int = 16) -> dict:
-    """A batch with the shapes and dtypes of the real pipeline's (contents do not matter here)."""
+    """A batch with the shapes and dtypes of the real pipeline's, every box row valid."""
     rng = np.random.default_rng(0)
-    cells = image_size // OUTPUT_STRIDE
+    corners = rng.uniform(0, image_size, (batch_size, max_objects, 2, 2)).astype(np.float32)
     return {
         "image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),
-        "heatmap": rng.random((batch_size, cells, cells, NUM_CLASSES), dtype=np.float32) ** 8,
-        "center_index": rng.integers(0, cells * cells, (batch_size, max_objects), dtype=np.int32),
-        "size": rng.random((batch_size, max_objects, 2), dtype=np.float32) * 8,
-        "offset": rng.random((batch_size, max_objects, 2), dtype=np.float32),
-        "target_mask": np.ones((batch_size, max_objects), np.float32),
+        "boxes": np.concatenate([corners.min(axis=2), corners.max(axis=2)], axis=-1),
+        "labels": rng.integers(0, NUM_CLASSES, (batch_size, max_objects), dtype=np.int32),
+        "box_mask": np.ones((batch_size, max_objects), bool),
     }
 
 

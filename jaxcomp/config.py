@@ -10,6 +10,7 @@ import difflib
 import ml_collections
 from ml_collections import config_dict
 
+from jaxcomp import sharding
 from jaxcomp.models import COMPUTE_DTYPES, DEPTHWISE_IMPLS, MODELS
 
 # The two roles of the compression recipe, as config files take them (`file.py:teacher`).
@@ -150,6 +151,17 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 32
     config.eval.top_k = 100
+
+    # The device mesh and where the train state lives on it (`jaxcomp.sharding`).
+    config.mesh = ml_collections.ConfigDict()
+    # ((axis name, size), ...) over every device of every process; one size may be -1.
+    config.mesh.axes = sharding.DATA_PARALLEL
+    # The axes each batch is split over; the batch is replicated over the others.
+    config.mesh.batch_axes = ("data",)
+    # ((regex over train-state leaf names, PartitionSpec as a tuple), ...), first match
+    # wins; unmatched leaves are replicated. E.g. FSDP with axes (('data', -1), ('fsdp', 4))
+    # and batch_axes ('data', 'fsdp'): ((r".*backbone/.*/kernel", (None, None, None, "fsdp")),).
+    config.mesh.rules = ()
     return config
 
 
@@ -216,7 +228,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
 
     Args:
       config: the experiment config.
-      device_count: `jax.device_count()`, the number of devices the batch is split over.
+      device_count: `jax.device_count()`, the number of devices the mesh spans.
     """
     _check_known_fields(config, default_config())
     _require(
@@ -249,13 +261,17 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         f"config.data.image_size must be a multiple of 32 (the backbone's stride), "
         f"got {config.data.image_size}; try {max(32, round(config.data.image_size / 32) * 32)}",
     )
+    splits = sharding.batch_split(
+        sharding.mesh_shape(config.mesh.axes, device_count), config.mesh.batch_axes
+    )
     for field in ("train.batch_size", "eval.batch_size"):
         section, name = field.split(".")
         size = config[section][name]
         _require(
-            size % device_count == 0,
-            f"config.{field}={size} is not divisible by the {device_count} devices; "
-            f"use a multiple of {device_count}",
+            size % splits == 0,
+            f"config.{field}={size} is not divisible by the {splits} devices it is split "
+            f"over (config.mesh.batch_axes={tuple(config.mesh.batch_axes)}); "
+            f"use a multiple of {splits}",
         )
     _require(
         _is_number(config.train.eval_every) and config.train.eval_every >= 0,

@@ -76,7 +76,8 @@ CONFIG_CASES = [
         "ValueError: not divisible by the 4 devices, use a multiple of 4",
         _set(train__batch_size=6),
         ValueError,
-        r"config\.train\.batch_size=6 is not divisible by the 4 devices; use a multiple of 4",
+        r"config\.train\.batch_size=6 is not divisible by the 4 devices it is split over "
+        r"\(config\.mesh\.batch_axes=\('data',\)\); use a multiple of 4",
     ),
     Refused(
         "eval_batch_not_divisible_by_devices",
@@ -84,7 +85,17 @@ CONFIG_CASES = [
         "ValueError: not divisible by the 4 devices, use a multiple of 4",
         _set(eval__batch_size=10),
         ValueError,
-        r"config\.eval\.batch_size=10 is not divisible by the 4 devices; use a multiple of 4",
+        r"config\.eval\.batch_size=10 is not divisible by the 4 devices it is split over "
+        r"\(config\.mesh\.batch_axes=\('data',\)\); use a multiple of 4",
+    ),
+    Refused(
+        "mesh_not_the_device_count",
+        "`config.mesh.axes=(('data', 3),)` on 4 devices",
+        "ValueError: the mesh spans 3 devices of 4, make one size -1",
+        _set(mesh__axes=(("data", 3),)),
+        ValueError,
+        r"config\.mesh\.axes \[\('data', 3\)\] spans 3 devices, but there are 4; "
+        r"make one size -1 to take the rest",
     ),
     Refused(
         "steps_wrong_type",
@@ -848,7 +859,8 @@ def test_bad_example_is_handled_and_counted(case):
         boxes = batch["boxes"][0][mask]
         assert np.all((boxes >= 0) & (boxes <= SIZE)) and np.all(boxes[:, 2:] > boxes[:, :2])
         assert np.all((batch["labels"][0][mask] >= 0) & (batch["labels"][0][mask] < NUM_CLASSES))
-        assert np.all(np.isfinite(batch["heatmap"]))
+        targets = training.batch_targets(batch, NUM_CLASSES)
+        assert all(np.all(np.isfinite(value)) for value in targets.values())
         if not augment:  # letterboxed: nothing is cropped away
             assert mask.sum() == case.num_objects
 

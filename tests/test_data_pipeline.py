@@ -3,12 +3,14 @@
 import multiprocessing
 import time
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jaxcomp import training
 from jaxcomp.data import pipeline
 from jaxcomp.data.embedded import CLASS_NAMES, TINY_CONFIG
 from jaxcomp.data.pipeline import (
@@ -20,6 +22,7 @@ from jaxcomp.data.pipeline import (
     sanitize_example,
     train_dataset,
 )
+from jaxcomp.detection import encode_targets
 
 SIZE = 64
 NUM_CLASSES = len(CLASS_NAMES)
@@ -29,11 +32,6 @@ BATCH_KEYS = {
     "boxes": (np.float32, (MAX_OBJECTS, 4)),
     "labels": (np.int32, (MAX_OBJECTS,)),
     "box_mask": (np.bool_, (MAX_OBJECTS,)),
-    "heatmap": (np.float32, (SIZE // 4, SIZE // 4, NUM_CLASSES)),
-    "center_index": (np.int32, (MAX_OBJECTS,)),
-    "size": (np.float32, (MAX_OBJECTS, 2)),
-    "offset": (np.float32, (MAX_OBJECTS, 2)),
-    "target_mask": (np.float32, (MAX_OBJECTS,)),
     "image_id": (np.int64, ()),
     "valid": (np.bool_, ()),
     "num_bad_boxes": (np.int32, ()),
@@ -117,7 +115,23 @@ def test_train_batch_shapes_and_dtypes(train_source):
         assert batch[key].shape == (8, *shape), key
     assert batch["valid"].all()
     assert batch["box_mask"].any(axis=1).all()
-    np.testing.assert_array_equal(batch["target_mask"] > 0, batch["box_mask"])
+
+
+def test_targets_encoded_in_the_train_step_equal_the_numpy_encoding(train_source):
+    batch = _train(train_source)[2]
+    encode = jax.jit(training.batch_targets, static_argnums=1)
+    on_device = encode({name: batch[name] for name in training.TRAIN_FIELDS}, NUM_CLASSES)
+    rows = [
+        encode_targets(boxes, labels, mask, image_size=SIZE, num_classes=NUM_CLASSES)
+        for boxes, labels, mask in zip(
+            batch["boxes"], batch["labels"], batch["box_mask"], strict=True
+        )
+    ]
+    assert np.asarray(on_device["target_mask"]).sum() > 8
+    for name in rows[0]:
+        expected = np.stack([row[name] for row in rows])
+        # The heatmap's exponent is float64 in NumPy, float32 on the device.
+        np.testing.assert_allclose(on_device[name], expected, rtol=1e-5, atol=0, err_msg=name)
 
 
 def test_train_batches_are_a_function_of_seed_and_step(train_source):
@@ -269,7 +283,6 @@ def test_background_images_are_kept():
     source = [_example(np.zeros((32, 32, 3), np.uint8), np.zeros((0, 4), np.float32), [])]
     batch = _train(source, global_batch_size=2, num_classes=3)[0]
     assert batch["valid"].all() and not batch["box_mask"].any()
-    assert batch["heatmap"].max() == 0
 
 
 def test_bad_boxes_are_counted_per_example():
@@ -429,4 +442,4 @@ def test_mock_voc_runs_through_train_and_eval():
     merged = _concat(batches)
     # VOC has no image/id: the source index identifies the image.
     assert merged["image_id"][merged["valid"]].tolist() == list(range(6))
-    assert merged["heatmap"].shape == (8, SIZE // 4, SIZE // 4, 20)
+    assert merged["boxes"].shape == (8, MAX_OBJECTS, 4)

@@ -4,8 +4,10 @@ Any dataset with the `voc/2007` / `coco/2017` feature layout (`image`, optional
 `image/id`, `objects/bbox` normalized `[ymin, xmin, ymax, xmax]`, `objects/label`)
 goes through the same code: examples are read by random access from
 `builder.as_data_source(split)` (ArrayRecord), cleaned by `sanitize_example`,
-resized (and augmented, for training) in numpy, and encoded as CenterNet targets
-by `jaxcomp.detection.targets.encode_targets`; grain shuffles, maps and batches.
+resized (and augmented, for training) in numpy, and padded to a fixed number of
+boxes; grain shuffles, maps and batches. The CenterNet targets are not built here:
+the train step encodes them on the devices from the boxes
+(`jaxcomp.detection.targets.encode_batch_targets`).
 
 Training batches are a pure function of `(seed, step)`: the element in row `r`
 of global step `s` is global element `g = s * global_batch_size + r`, read from
@@ -14,7 +16,7 @@ by `(seed, g)`. A resumed run therefore sees the batches it would have seen,
 whatever the number of processes or data-loader workers.
 
 One module of about 770 lines, on purpose: reading, sanitizing, resizing and
-augmenting, target encoding and batching are small functions that all keep the
+augmenting, padding and batching are small functions that all keep the
 `(seed, step)` contract above; the contract is easier to check in one place.
 """
 
@@ -35,7 +37,6 @@ from absl import flags
 from PIL import Image
 
 from jaxcomp.data.embedded import EmbeddedDetection, prepare_embedded
-from jaxcomp.detection.targets import encode_targets
 
 # Dropped entries, one kind each: every input entry is either kept or counted in exactly one.
 DROP_KINDS = ("mismatched", "non_finite", "bad_label", "outside", "degenerate")
@@ -372,7 +373,6 @@ class _ElementSpec:
     image_size: int
     max_objects: int
     num_classes: int
-    stride: int
 
 
 def _element(
@@ -386,7 +386,7 @@ def _element(
     bad_boxes: int = 0,
     cropped: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Pads the annotations to max_objects and adds the CenterNet targets."""
+    """Pads the annotations to max_objects (the train step encodes the targets)."""
     keep = _largest(boxes, spec.max_objects)
     num_objects = len(keep)
     padded_boxes = np.zeros((spec.max_objects, 4), np.float32)
@@ -394,20 +394,11 @@ def _element(
     box_mask = np.arange(spec.max_objects) < num_objects
     padded_boxes[:num_objects] = boxes[keep]
     padded_labels[:num_objects] = labels[keep]
-    targets = encode_targets(
-        padded_boxes,
-        padded_labels,
-        box_mask,
-        image_size=spec.image_size,
-        num_classes=spec.num_classes,
-        stride=spec.stride,
-    )
     return {
         "image": image,
         "boxes": padded_boxes,
         "labels": padded_labels,
         "box_mask": box_mask,
-        **targets,
         "image_id": np.asarray(image_id, np.int64),
         "valid": np.asarray(valid),
         "num_bad_boxes": np.asarray(bad_boxes, np.int32),
@@ -547,9 +538,10 @@ def train_dataset(
       image_size: side S of the square model input, a multiple of `stride`.
       global_batch_size: examples per step over all processes.
       max_objects: K, annotations per image after padding/truncation.
-      num_classes: C, heatmap channels (`num_classes(builder)`).
+      num_classes: C, the number of classes (`num_classes(builder)`); labels outside
+        [0, C) are dropped as bad.
       seed: in [0, 2**32); drives the shuffle and the augmentation.
-      stride: output stride of the detector (targets are on the S/stride grid).
+      stride: output stride of the detector, which `image_size` must be a multiple of.
       augment: random flip, scale jitter in [0.6, 1.4] and crop/pad to S x S;
         without it images are letterboxed.
       process_index: this process, in [0, process_count).
@@ -557,8 +549,8 @@ def train_dataset(
 
     Returns:
       A grain MapDataset of dicts of numpy arrays with leading dim Bl: image,
-      boxes, labels, box_mask, heatmap, center_index, size, offset, target_mask,
-      image_id, valid, num_bad_boxes, num_truncated, num_cropped.
+      boxes, labels, box_mask, image_id, valid, num_bad_boxes, num_truncated,
+      num_cropped.
 
     Raises:
       ValueError: global_batch_size is not divisible by process_count, or another
@@ -584,7 +576,7 @@ def train_dataset(
     make_element = functools.partial(
         _train_element,
         source=source,
-        spec=_ElementSpec(image_size, max_objects, num_classes, stride),
+        spec=_ElementSpec(image_size, max_objects, num_classes),
         seed=seed,
         augment=augment,
     )
@@ -713,7 +705,7 @@ def eval_batches(
       image_size: side S of the square model input, a multiple of `stride`.
       batch_size: rows per (local) batch.
       max_objects: K, annotations per image after padding/truncation.
-      num_classes: C, heatmap channels.
+      num_classes: C, the number of classes.
       stride: output stride of the detector.
       process_index: this process, in [0, process_count).
       process_count: number of processes; process p reads examples
@@ -739,7 +731,7 @@ def eval_batches(
     make_element = functools.partial(
         _eval_element,
         source=source,
-        spec=_ElementSpec(image_size, max_objects, num_classes, stride),
+        spec=_ElementSpec(image_size, max_objects, num_classes),
         start=start,
         stop=stop,
     )

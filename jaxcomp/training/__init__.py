@@ -1,6 +1,7 @@
 """Training and evaluation as a library of small modules, one job each.
 
-* `state`: the `TrainState`, the optimizer, the mesh and batch placement.
+* `state`: the `TrainState`, the optimizer and batch placement (the mesh and the
+  state's sharding rules are `jaxcomp.sharding`'s).
 * `steps`: the jitted train and eval steps, composing the compression methods.
 * `checkpoints`: orbax checkpoints, restoring other runs' variables, workdir checks.
 * `metrics`: metrics files, non-finite losses, stop requests.
@@ -9,6 +10,7 @@
 * `loop`: `train_and_evaluate`, the loop itself.
 """
 
+from jaxcomp.sharding import make_mesh
 from jaxcomp.training.checkpoints import (
     MIN_FREE_BYTES,
     check_workdir,
@@ -47,12 +49,12 @@ from jaxcomp.training.state import (
     global_batch,
     init_state,
     jit_init_state,
-    make_mesh,
     make_optimizer,
 )
 from jaxcomp.training.steps import (
     EVAL_FIELDS,
     TRAIN_FIELDS,
+    batch_targets,
     eval_step,
     evaluate,
     jit_eval_step,
@@ -70,6 +72,7 @@ __all__ = [
     "StopRequest",
     "TrainState",
     "abstract_variables",
+    "batch_targets",
     "build_experiment",
     "check_workdir",
     "checkpoint_manager",

@@ -17,7 +17,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcomp import paths
-from jaxcomp.training.state import TrainState, make_mesh
+from jaxcomp.sharding import make_mesh
+from jaxcomp.training.state import TrainState
 
 
 def checkpoint_manager(

@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcomp import methods as methods_registry
-from jaxcomp import transforms
+from jaxcomp import sharding, transforms
 from jaxcomp.config import validate_config
 from jaxcomp.data import pipeline
 from jaxcomp.models import OUTPUT_STRIDE, centernet, create_model
@@ -23,7 +23,6 @@ from jaxcomp.training.state import (
     abstract_variables,
     create_train_state,
     init_state,
-    make_mesh,
     make_optimizer,
 )
 from jaxcomp.training.steps import evaluate, jit_eval_step, jit_train_step
@@ -50,7 +49,9 @@ class Experiment:
 
     Attributes:
       config: the experiment config.
-      mesh: the device mesh.
+      mesh: the device mesh (`config.mesh.axes`).
+      state_sharding: where each leaf of the train state lives (`config.mesh.rules`).
+      batch_axes: the mesh axes each batch is split over (`config.mesh.batch_axes`).
       builder: the TFDS dataset builder.
       model: the detector.
       variables: its abstract variables (shapes and dtypes only).
@@ -63,6 +64,8 @@ class Experiment:
 
     config: ml_collections.ConfigDict
     mesh: Mesh
+    state_sharding: Any
+    batch_axes: tuple[str, ...]
     builder: Any
     model: nn.Module
     variables: Any
@@ -94,12 +97,14 @@ class Experiment:
                 self.methods,
                 phases,
                 self.method_optimizer,
+                self.state_sharding,
+                self.batch_axes,
             )
         return self._train_steps[phases]
 
     def init_state(self, variables: dict | None = None, seed: int | None = None) -> TrainState:
-        """The replicated initial state: from `variables` if given, else random from `seed`
-        (default `config.seed`)."""
+        """The initial state, placed by `state_sharding`: from `variables` if given, else
+        random from `seed` (default `config.seed`)."""
         return init_state(
             self.model,
             self.optimizer,
@@ -109,6 +114,7 @@ class Experiment:
             variables,
             self.methods,
             self.method_optimizer,
+            self.state_sharding,
         )
 
 
@@ -168,15 +174,18 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     )
     base_optimizer = make_optimizer(config.optim, config.train.steps)
     optimizer = optax.with_extra_args_support(transforms.compose_optimizer(base_optimizer, methods))
-    # Checks the methods against the real names and shapes now (rules that match
-    # nothing, layers that cannot be quantized), before any file is written.
-    jax.eval_shape(
+    # Checks the methods and the sharding rules against the real names and shapes now
+    # (rules that match nothing, layers that cannot be quantized), before any file is
+    # written.
+    abstract_state = jax.eval_shape(
         functools.partial(
             _abstract_state, model, optimizer, config.data.image_size, methods, base_optimizer
         ),
         variables,
     )
-    mesh = make_mesh()
+    mesh = sharding.make_mesh(config.mesh.axes)
+    state_sharding = sharding.state_shardings(abstract_state, mesh, config.mesh.rules)
+    batch_axes = tuple(config.mesh.batch_axes)
     replicated = NamedSharding(mesh, PartitionSpec())
     constants = {}
     for name, transform in methods:
@@ -186,6 +195,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     return Experiment(
         config=config,
         mesh=mesh,
+        state_sharding=state_sharding,
+        batch_axes=batch_axes,
         builder=builder,
         model=model,
         variables=variables,
@@ -193,7 +204,14 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         method_optimizer=base_optimizer,
         methods=methods,
         constants=constants,
-        eval_step=jit_eval_step(model, config.eval.top_k, mesh, methods),
+        eval_step=jit_eval_step(
+            model,
+            config.eval.top_k,
+            mesh,
+            methods,
+            state_sharding=state_sharding,
+            batch_axes=batch_axes,
+        ),
     )
 
 
@@ -253,4 +271,5 @@ def evaluate_experiment(
         batches,
         experiment.mesh,
         class_names=pipeline.class_names(experiment.builder),
+        batch_axes=experiment.batch_axes,
     )

@@ -123,7 +123,13 @@ def compression_summary(
                 row = {**summary["model"], **save_and_measure(export.tree, directory)}
             else:
                 row = export_report(export.model, export.tree, size, directory)
-            eval_step = jit_eval_step(None, config.eval.top_k, experiment.mesh, apply=export.apply)
+            eval_step = jit_eval_step(
+                None,
+                config.eval.top_k,
+                experiment.mesh,
+                apply=export.apply,
+                batch_axes=experiment.batch_axes,
+            )
             replicated = NamedSharding(experiment.mesh, PartitionSpec())
             form_metrics = evaluate_experiment(
                 experiment, jax.device_put(export.tree, replicated), eval_step

@@ -153,7 +153,8 @@ def _train_loop(
             for name in bad_examples:
                 bad_examples[name] += int(local_batch[name].sum())
             state, metrics = experiment.train_step_at(step)(
-                state, global_batch(local_batch, experiment.mesh, TRAIN_FIELDS)
+                state,
+                global_batch(local_batch, experiment.mesh, TRAIN_FIELDS, experiment.batch_axes),
             )
             step += 1
             pending.append((step, metrics))

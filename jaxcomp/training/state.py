@@ -1,7 +1,7 @@
-"""The train state, the optimizer, the device mesh and batch placement."""
+"""The train state, the optimizer and batch placement."""
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import flax
@@ -14,6 +14,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcomp import paths, transforms
+from jaxcomp.sharding import batch_sharding
 
 
 @flax.struct.dataclass
@@ -39,14 +40,14 @@ class TrainState:
     method_opt_state: Any = None
 
 
-def make_mesh() -> Mesh:
-    """A 1-D mesh with a `data` axis over every device of every process."""
-    return jax.make_mesh((jax.device_count(),), ("data",))
-
-
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, fields: Iterable[str]):
-    """Assembles each process's rows into global arrays sharded over the `data` axis."""
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
+def global_batch(
+    local_batch: dict[str, np.ndarray],
+    mesh: Mesh,
+    fields: Iterable[str],
+    batch_axes: Sequence[str] = ("data",),
+):
+    """Assembles each process's rows into global arrays split over `batch_axes`."""
+    sharding = batch_sharding(mesh, batch_axes)
     return {
         name: jax.make_array_from_process_local_data(sharding, local_batch[name]) for name in fields
     }
@@ -129,8 +130,10 @@ def jit_init_state(
     mesh: Mesh,
     methods: transforms.Methods = (),
     method_optimizer=None,
+    state_sharding: Any = None,
 ) -> Callable:
-    """`create_train_state` jitted: f(rng, variables) -> the TrainState, replicated on `mesh`."""
+    """`create_train_state` jitted: f(rng, variables) -> the TrainState, placed on `mesh`
+    by `state_sharding` (`jaxcomp.sharding.state_shardings`; None: replicated)."""
     return jax.jit(
         functools.partial(
             create_train_state,
@@ -140,7 +143,7 @@ def jit_init_state(
             methods=methods,
             method_optimizer=method_optimizer,
         ),
-        out_shardings=NamedSharding(mesh, PartitionSpec()),
+        out_shardings=state_sharding or NamedSharding(mesh, PartitionSpec()),
     )
 
 
@@ -153,16 +156,21 @@ def init_state(
     variables: dict | None = None,
     methods: transforms.Methods = (),
     method_optimizer=None,
+    state_sharding: Any = None,
 ) -> TrainState:
-    """Creates the replicated initial TrainState in one jitted call (eager init is far slower).
+    """Creates the initial TrainState in one jitted call (eager init is far slower).
 
     Args:
       model, optimizer, image_size, methods, method_optimizer: as for `create_train_state`.
       seed: the run's seed (`config.seed`).
-      mesh: the device mesh; the state is replicated over it.
+      mesh: the device mesh.
       variables: optional {'params', 'batch_stats'} to start from (see `restore_variables`).
+      state_sharding: where each leaf lives (`jaxcomp.sharding.state_shardings`);
+        None replicates the state over `mesh`.
     """
-    init_fn = jit_init_state(model, optimizer, image_size, mesh, methods, method_optimizer)
+    init_fn = jit_init_state(
+        model, optimizer, image_size, mesh, methods, method_optimizer, state_sharding
+    )
     return init_fn(jax.random.key(seed), variables)
 
 

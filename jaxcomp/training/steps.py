@@ -5,7 +5,7 @@ the model's forward pass, loss, optimizer update and state.
 """
 
 import functools
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -16,12 +16,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcomp import evaluation, transforms
-from jaxcomp.detection import decode_detections, detection_loss
+from jaxcomp.detection import decode_detections, detection_loss, encode_batch_targets
 from jaxcomp.models import OUTPUT_STRIDE
+from jaxcomp.sharding import batch_sharding
 from jaxcomp.training.state import TrainState, global_batch
 
-# Batch fields the train step reads; the rest stay on the host.
-TRAIN_FIELDS = ("image", "heatmap", "center_index", "size", "offset", "target_mask")
+# Batch fields the train step reads; the rest stay on the host. The CenterNet targets
+# are encoded inside the step: a 512x512 COCO heatmap is 5 MiB a row, its boxes 1 KiB.
+TRAIN_FIELDS = ("image", "boxes", "labels", "box_mask")
 EVAL_FIELDS = ("image", "boxes", "labels", "box_mask", "image_id", "valid")
 
 
@@ -36,12 +38,14 @@ def train_step(
     methods: transforms.Methods,
     phases: tuple[Hashable, ...],
     loss_weights: dict[str, float],
+    num_classes: int,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a (global) batch.
 
     Args:
       state: the current TrainState.
-      batch: the TRAIN_FIELDS of a batch, sharded over the `data` axis.
+      batch: the TRAIN_FIELDS of a batch, sharded over the `data` axis; the step adds
+        the CenterNet targets (`encode_batch_targets`) before the model and methods see it.
       constants: each method's constants (a teacher's variables), never updated.
       model: the detector.
       optimizer: the model's optimizer, with the methods' `optimizer` hooks.
@@ -49,10 +53,12 @@ def train_step(
       methods: the compression methods, (name, Transform) pairs, in order.
       phases: each method's phase for this program (`transforms.phases`).
       loss_weights: heatmap_weight, size_weight, offset_weight.
+      num_classes: the detector's heatmap channels.
 
     Returns:
       The new state and scalar metrics (loss terms, gradient norm).
     """
+    batch = {**batch, **batch_targets(batch, num_classes)}
     method_states = state.methods or {}
     method_params = state.method_params or {}
     views = transforms.views(methods, method_states, method_params, state.step, phases)
@@ -120,6 +126,18 @@ def train_step(
     return new_state, {**terms, "grad_norm": optax.global_norm(grads)}
 
 
+def batch_targets(batch: dict[str, jax.Array], num_classes: int) -> dict[str, jax.Array]:
+    """The CenterNet targets of a batch's padded boxes, labels and box mask."""
+    return encode_batch_targets(
+        batch["boxes"],
+        batch["labels"],
+        batch["box_mask"],
+        image_size=batch["image"].shape[1],
+        num_classes=num_classes,
+        stride=OUTPUT_STRIDE,
+    )
+
+
 def eval_step(
     state: TrainState,
     images: jax.Array,
@@ -150,13 +168,18 @@ def jit_train_step(
     methods: transforms.Methods = (),
     phases: tuple[Hashable, ...] | None = None,
     method_optimizer=None,
+    state_sharding: Any = None,
+    batch_axes: Sequence[str] = ("data",),
 ) -> Callable:
-    """The train step compiled once: state replicated (and donated), batch sharded.
+    """The train step compiled once: the state placed by `state_sharding` (and donated),
+    the batch split over `batch_axes`.
 
     The compiled step is f(state, batch, constants); constants (the methods'
-    `constants()`, replicated) are not donated.
+    `constants()`, replicated) are not donated. `state_sharding` is a tree of
+    shardings (`jaxcomp.sharding.state_shardings`); None replicates the state.
     """
     replicated = NamedSharding(mesh, PartitionSpec())
+    state_sharding = state_sharding or replicated
     return jax.jit(
         functools.partial(
             train_step,
@@ -167,19 +190,27 @@ def jit_train_step(
             methods=tuple(methods),
             phases=phases if phases is not None else (None,) * len(methods),
             loss_weights=loss_weights,
+            num_classes=model.num_classes,
         ),
-        in_shardings=(replicated, NamedSharding(mesh, PartitionSpec("data")), replicated),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state_sharding, batch_sharding(mesh, batch_axes), replicated),
+        out_shardings=(state_sharding, replicated),
         donate_argnums=0,
     )
 
 
 def jit_eval_step(
-    model, top_k: int, mesh: Mesh, methods: transforms.Methods = (), apply: Callable | None = None
+    model,
+    top_k: int,
+    mesh: Mesh,
+    methods: transforms.Methods = (),
+    apply: Callable | None = None,
+    state_sharding: Any = None,
+    batch_axes: Sequence[str] = ("data",),
 ) -> Callable:
-    """The eval step compiled once; detections stay sharded over the batch.
+    """The eval step compiled once; detections stay split over the batch.
 
     With `apply` (an exported form's), the first argument is that form's tree.
+    `state_sharding` places the first argument as in `jit_train_step` (None: replicated).
     """
     if apply is None:
         step = functools.partial(eval_step, model=model, methods=tuple(methods), top_k=top_k)
@@ -188,14 +219,19 @@ def jit_eval_step(
     return jax.jit(
         step,
         in_shardings=(
-            NamedSharding(mesh, PartitionSpec()),
-            NamedSharding(mesh, PartitionSpec("data")),
+            state_sharding or NamedSharding(mesh, PartitionSpec()),
+            batch_sharding(mesh, batch_axes),
         ),
     )
 
 
 def evaluate(
-    eval_fn: Callable, state: Any, batches: Iterable[dict], mesh: Mesh, class_names=None
+    eval_fn: Callable,
+    state: Any,
+    batches: Iterable[dict],
+    mesh: Mesh,
+    class_names=None,
+    batch_axes: Sequence[str] = ("data",),
 ) -> dict[str, float]:
     """COCO metrics of `state` over every batch of `batches` (padding rows skipped).
 
@@ -204,7 +240,7 @@ def evaluate(
     """
     pending = []
     for local_batch in batches:
-        batch = global_batch(local_batch, mesh, EVAL_FIELDS)
+        batch = global_batch(local_batch, mesh, EVAL_FIELDS, batch_axes)
         detections = eval_fn(state, batch["image"])
         rows = {name: value for name, value in batch.items() if name != "image"}
         rows.update({f"det_{name}": value for name, value in detections.items()})

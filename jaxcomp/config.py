@@ -91,7 +91,11 @@ def default_config() -> ml_collections.ConfigDict:
     # A key of jaxcomp.prune.SCORES: 'magnitude', 'random', 'saliency', 'movement' (the
     # accumulated -w * g of movement pruning) or one registered there.
     config.prune.score = "magnitude"
-    config.prune.scope = "layer"  # 'layer' or 'global' ranking
+    # How the sparsity is allocated across the selected leaves: 'layer' (each at its
+    # target), 'global' (one ranking of the scores), 'lamp' (one ranking of LAMP scores,
+    # Lee et al. 2021; magnitude only) or 'erk' (Erdős–Rényi-Kernel densities, Evci et
+    # al. 2020); 'lamp' and 'erk' need method 'unstructured' (docs/pruning.md).
+    config.prune.scope = "layer"
     config.prune.schedule = "polynomial"  # 'one_shot', 'iterative', 'polynomial'
     config.prune.begin_step = 0
     # None: three quarters of config.train.steps, leaving the rest to fine-tune.
@@ -406,6 +410,18 @@ def _validate_prune(config: ml_collections.ConfigDict) -> None:
         )
     if prune.method == "none":
         return
+    _require(
+        prune.scope not in ("lamp", "erk") or prune.method == "unstructured",
+        f"config.prune.scope={prune.scope!r} allocates sparsity to single weights and needs "
+        f"config.prune.method='unstructured', got {prune.method!r}; use scope 'layer' or "
+        "'global'",
+    )
+    _require(
+        prune.scope != "lamp" or prune.score == "magnitude",
+        "config.prune.scope='lamp' rescales squared weight magnitudes and needs "
+        f"config.prune.score='magnitude', got {prune.score!r}; use scope 'global' or 'erk' "
+        "for other scores",
+    )
     _require(
         isinstance(prune.sparsity, int | float) and 0 <= prune.sparsity < 1,
         f"config.prune.sparsity must be in [0, 1), got {prune.sparsity!r}",

@@ -19,6 +19,7 @@ PARAMS = {
     },
     "heatmap": {"out": {"kernel": jnp.zeros((1, 1, 8, 3)), "bias": jnp.zeros(3)}},
 }
+PRUNE_LEVERS = ("layer_600", "layer_3000", "global_3000", "lamp_3000", "erk_3000")
 
 
 def test_leaf_names_join_key_paths():
@@ -84,6 +85,8 @@ def test_config_files_load_and_validate():
         "configs/student.py:centernet_student_w075",
         "configs/prune_magnitude.py",
         "configs/prune_magnitude.py:0.9",
+        *(f"configs/prune_levers.py:{lever}" for lever in PRUNE_LEVERS),
+        "configs/prune_levers.py:lamp_3000:0.9",
         "configs/prune_nm.py",
         "configs/prune_channels.py",
         "configs/ptq_int8.py",
@@ -92,6 +95,23 @@ def test_config_files_load_and_validate():
         "configs/coco.py:student",
     ]:
         validate_config(load_config_file(spec), device_count=1)
+
+
+def test_prune_levers_share_one_budget_and_differ_in_scope():
+    levers = {lever: load_config_file(f"configs/prune_levers.py:{lever}") for lever in PRUNE_LEVERS}
+    assert levers["layer_600"] == load_config_file("configs/prune_magnitude.py")
+    assert load_config_file("configs/prune_levers.py:erk_3000:0.9").prune.sparsity == 0.9
+    budget = None
+    for lever, config in levers.items():
+        scope, steps = lever.split("_")
+        assert config.prune.scope == scope
+        if steps == "3000":
+            assert (config.train.steps, prune_end_step(config)) == (3000, 2400)
+            config.prune.scope = "layer"
+            budget = budget or config
+            assert config == budget, lever
+    with pytest.raises(ValueError, match="unknown lever 'lamp'; configs/prune_levers.py has"):
+        load_config_file("configs/prune_levers.py:lamp")
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,12 @@
 """Mask-based pruning as pure functions over parameter pytrees.
 
-Scores -> masks (unstructured, N:M, channel; layer-wise or global) -> a pruner
+Scores -> masks (unstructured, N:M, channel; layer-wise, global, LAMP or ERK) -> a pruner
 on a schedule, carried in the optimizer state by `pruned_optimizer`; sparse
 storage, reports, and generic channel shrinking by model-declared groups.
 Nothing here knows about detectors.
 """
 
+from jaxcomp.prune.allocation import erk_densities, erk_pruned_counts, lamp_scores
 from jaxcomp.prune.masks import (
     METHODS,
     NORMS,
@@ -63,11 +64,14 @@ __all__ = [
     "channel_keep_indices",
     "channel_mask",
     "directory_bytes",
+    "erk_densities",
+    "erk_pruned_counts",
     "format_sparsity_table",
     "global_channel_masks",
     "global_unstructured_masks",
     "group_widths",
     "iterative_schedule",
+    "lamp_scores",
     "load_sparse",
     "magnitude_masks",
     "magnitude_score",

@@ -16,9 +16,10 @@ ndim >= 2; nnx.State names end in 'kernel/value') or by rules
 Conv kernels are HWIO and dense kernels [in, out], so the output-channel axis
 is -1 and the input-channel axis is -2.
 
-One module of about 770 lines, on purpose: every mask kind (unstructured, N:M,
-channel; layer-wise or global) keeps the exact-count and tie rules above, and
-they are checked together.
+One module of about 800 lines, on purpose: every mask kind (unstructured, N:M,
+channel; layer-wise, global, or allocated by LAMP or ERK from
+`jaxcomp.prune.allocation`) keeps the exact-count and tie rules above, and they
+are checked together.
 """
 
 import functools
@@ -32,10 +33,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxcomp.paths import Rules, compile_rules, leaf_names, map_with_names, resolve_rules
+from jaxcomp.prune.allocation import erk_pruned_counts, lamp_scores
 from jaxcomp.prune.scores import is_selected
 
 METHODS = ("unstructured", "nm", "channel")
-SCOPES = ("layer", "global")
+# How sparsity is allocated across leaves: each at its target ('layer'), one ranking of
+# the scores ('global') or of their LAMP rescaling ('lamp'), ERK densities per leaf ('erk').
+SCOPES = ("layer", "global", "lamp", "erk")
+# The scopes whose one ranking spans all selected leaves.
+ONE_RANKING = ("global", "lamp")
 NORMS = ("l1", "l2")
 UNMATCHED = ("error", "warn", "ignore")
 
@@ -101,11 +107,21 @@ def validate_sparsity_or_rules(sparsity_or_rules: Any) -> None:
 def validate_options(method: str, scope: str, n: int, m: int, norm: str) -> None:
     """Checks the method, scope, N:M and norm options shared by the mask makers."""
     validate_choice("method", method, METHODS)
-    validate_choice("scope", scope, SCOPES)
     validate_choice("norm", norm, NORMS)
     validate_nm(n, m)
+    validate_scope(method, scope)
+
+
+def validate_scope(method: str, scope: str) -> None:
+    """Checks that `scope` is one of `SCOPES` and can allocate the sparsity of `method`."""
+    validate_choice("scope", scope, SCOPES)
     if method == "nm" and scope == "global":
         raise ValueError("method 'nm' prunes within groups of m entries; use scope='layer'")
+    if scope in ("lamp", "erk") and method != "unstructured":
+        raise ValueError(
+            f"scope {scope!r} allocates sparsity to single weights and needs "
+            f"method='unstructured', got method={method!r}; use scope='layer' or 'global'"
+        )
 
 
 def check_masks(params: Any, masks: Any) -> None:
@@ -266,8 +282,8 @@ def _keep_top_global(unit_scores: Sequence[jax.Array], num_pruned: Any) -> list[
 
 
 def _rank_units(unit_scores: Sequence[jax.Array], counts: Any, scope: str) -> list[jax.Array]:
-    """Keeps per unit; `counts` is one count per unit ('layer') or one in all ('global')."""
-    if scope == "global":
+    """Keeps per unit; `counts` is one count per unit or one in all (`ONE_RANKING` scopes)."""
+    if scope in ONE_RANKING:
         return _keep_top_global(unit_scores, counts)
     return [_keep_top(scores, count) for scores, count in zip(unit_scores, counts, strict=True)]
 
@@ -312,6 +328,14 @@ def _without_pruned(scores: jax.Array, previous: jax.Array | None) -> jax.Array:
     if previous is None:
         return scores
     return jnp.where(previous, scores, -jnp.inf)
+
+
+def _lamp_without_pruned(scores: jax.Array, previous: jax.Array | None) -> jax.Array:
+    """LAMP scores of the entries still kept: pruned ones rank lowest and, scored 0
+    before rescaling, add nothing to the kept entries' tail sums."""
+    if previous is None:
+        return lamp_scores(scores)
+    return jnp.where(previous, lamp_scores(jnp.where(previous, scores, 0)), -jnp.inf)
 
 
 def unstructured_mask(scores: jax.Array, sparsity: Any) -> jax.Array:
@@ -449,9 +473,10 @@ def leaf_masks(
     Args:
       score_leaves: scores per leaf, None for a leaf left alone.
       counts: entries (or channels, for 'channel') to prune: one per scored
-        leaf for scope 'layer', one in all for 'global'; ignored for 'nm'.
+        leaf for scopes 'layer' and 'erk', one in all for 'global' and 'lamp';
+        ignored for 'nm'.
       method: 'unstructured', 'nm' or 'channel' (output axis -1).
-      scope: 'layer' or 'global'.
+      scope: a name in `SCOPES`; 'lamp' ranks the LAMP scores of `score_leaves`.
       n: N:M entries kept per group.
       m: N:M group size (along axis -2).
       norm: 'l1' or 'l2' channel norm.
@@ -469,7 +494,8 @@ def leaf_masks(
             for leaf, prev in zip(scores, before, strict=True)
         ]
     elif method == "unstructured":
-        units = [_without_pruned(leaf, prev) for leaf, prev in zip(scores, before, strict=True)]
+        rescale = _lamp_without_pruned if scope == "lamp" else _without_pruned
+        units = [rescale(leaf, prev) for leaf, prev in zip(scores, before, strict=True)]
         keeps = _rank_units(units, counts, scope)
     else:
         units = [
@@ -496,12 +522,13 @@ def unit_size(shape: tuple[int, ...], method: str) -> int:
 
 
 def single_target(targets: Sequence[float | None]) -> float | None:
-    """The one sparsity of a global ranking; rules must agree on it."""
+    """The one sparsity that scopes other than 'layer' allocate; rules must agree on it."""
     values = sorted({target for target in targets if target is not None})
     if len(values) > 1:
         raise ValueError(
-            "scope='global' ranks all selected leaves together at one sparsity, but the rules "
-            f"give {values}; use one float, or rules whose values are equal (or None)"
+            "scopes 'global', 'lamp' and 'erk' allocate one sparsity over all selected leaves, "
+            f"but the rules give {values}; use one float, or rules whose values are equal "
+            "(or None)"
         )
     return values[0] if values else None
 
@@ -523,11 +550,13 @@ def magnitude_masks(
       params: a pytree of arrays.
       sparsity_or_rules: a float for every kernel with ndim >= 2, or rules
         `[(regex, sparsity_or_None), ...]`. For 'nm' the values only select
-        leaves (the pattern fixes the sparsity at 1 - n/m); for scope 'global'
-        all non-None values must be equal.
+        leaves (the pattern fixes the sparsity at 1 - n/m); for scopes other
+        than 'layer' all non-None values must be equal.
       method: 'unstructured', 'nm' (n of every m along the input axis -2) or
         'channel' (whole output channels, axis -1).
-      scope: 'layer' (each leaf at its sparsity) or 'global' (one ranking).
+      scope: 'layer' (each leaf at its sparsity), 'global' (one ranking),
+        'lamp' (one ranking of LAMP scores) or 'erk' (ERK sparsity per leaf);
+        the last two for 'unstructured' only.
       n: N:M entries kept per group.
       m: N:M group size.
       norm: 'l1' or 'l2' channel norm.
@@ -550,11 +579,14 @@ def magnitude_masks(
     for index in picked:
         check_leaf_fits(names[index], jnp.shape(leaves[index]), method, m)
     sizes = [unit_size(jnp.shape(leaves[index]), method) for index in picked]
-    if scope == "global":
-        target = single_target([targets[index] for index in picked]) or 0.0
-        counts = round(target * sum(sizes))
-    else:
+    if scope == "layer":
         counts = [round(targets[index] * size) for index, size in zip(picked, sizes, strict=True)]
+    else:
+        target = single_target([targets[index] for index in picked]) or 0.0
+        if scope == "erk":
+            counts = erk_pruned_counts([jnp.shape(leaves[index]) for index in picked], target)
+        else:
+            counts = round(target * sum(sizes))
     chosen = set(picked)
     score_leaves = [jnp.abs(leaf) if i in chosen else None for i, leaf in enumerate(leaves)]
     masks = leaf_masks(score_leaves, counts, method=method, scope=scope, n=n, m=m, norm=norm)
@@ -749,7 +781,7 @@ def channel_group_masks(
       A mask tree with the structure of `params`.
     """
     validate_choice("norm", norm, NORMS)
-    validate_choice("scope", scope, SCOPES)
+    validate_scope("channel", scope)
     leaves, treedef = jax.tree.flatten(params)
     shapes = [jnp.shape(leaf) for leaf in leaves]
     resolved = resolve_groups(leaf_names(params), shapes, groups)

@@ -10,8 +10,12 @@ Per-leaf sparsity over time: with a float, every selected leaf follows the
 schedule; with rules, a leaf whose target is `s_leaf` is pruned at step t to
 `schedule.sparsity(t) * s_leaf / schedule.final_sparsity`, reaching exactly
 `round(s_leaf * n)` pruned entries at the end (a float acts as that target for
-every default-selected leaf). With scope 'global' the float or the rules only
-select leaves, and one ranking over all of them follows `schedule.sparsity(t)`.
+every default-selected leaf). With the other scopes the float or the rules only
+select leaves and `schedule.final_sparsity` is allocated over all of them: with
+'global' one ranking of the scores follows `schedule.sparsity(t)`, with 'lamp'
+one ranking of their LAMP rescaling (`allocation.lamp_scores`; magnitude scores
+only), and with 'erk' each leaf gets its ERK share (`allocation.erk_pruned_counts`)
+as its target and is scaled like a rule's target.
 
 Masks are monotone: entries pruned at one update stay pruned at the next (they
 are ranked lowest), so under a non-decreasing schedule masks only lose entries.
@@ -25,7 +29,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxcomp.paths import leaf_names
+from jaxcomp.prune.allocation import erk_pruned_counts
 from jaxcomp.prune.masks import (
+    ONE_RANKING,
     UNMATCHED,
     ChannelGroup,
     ChannelGroups,
@@ -45,7 +51,7 @@ from jaxcomp.prune.masks import (
     validate_sparsity_or_rules,
 )
 from jaxcomp.prune.schedules import Schedule
-from jaxcomp.prune.scores import ScoreFn, get_score, is_selected
+from jaxcomp.prune.scores import ScoreFn, get_score, is_selected, magnitude_score
 
 
 class PrunerState(NamedTuple):
@@ -145,7 +151,10 @@ def make_pruner(
         'channel' (whole output channels, axis -1, or coupled channels with
         `channel_groups`).
       score: a name in `jaxcomp.prune.scores.SCORES` or a score function.
-      scope: 'layer' (each leaf or group at its target) or 'global'.
+      scope: how the sparsity is allocated across leaves: 'layer' (each leaf
+        or group at its target), 'global' (one ranking), 'lamp' (one ranking of
+        LAMP scores; score 'magnitude' only) or 'erk' (ERK share per leaf);
+        'lamp' and 'erk' for method 'unstructured' only.
       n: N:M entries kept per group.
       m: N:M group size (along the input axis -2).
       norm: 'l1' or 'l2' channel norm.
@@ -163,6 +172,12 @@ def make_pruner(
     """
     validate_options(method, scope, n, m, norm)
     score_fn = get_score(score)
+    if scope == "lamp" and score_fn is not magnitude_score:
+        raise ValueError(
+            "scope='lamp' rescales squared weight magnitudes (Lee et al. 2021) and needs "
+            f"score='magnitude', got score={score!r}; rank other scores with scope='global' "
+            "or 'erk'"
+        )
     validate_sparsity_or_rules(sparsity_or_rules)
     validate_choice("on_unmatched", on_unmatched, UNMATCHED)
     if not isinstance(schedule, Schedule):
@@ -189,8 +204,12 @@ def make_pruner(
             picked = [index for index, target in enumerate(per_leaf) if is_selected(target)]
             for index in picked:
                 check_leaf_fits(names[index], shapes[index], method, m)
-            targets = [per_leaf[index] for index in picked]
             sizes = [unit_size(shapes[index], method) for index in picked]
+            if scope == "erk":
+                pruned = erk_pruned_counts([shapes[index] for index in picked], final)
+                targets = [count / size for count, size in zip(pruned, sizes, strict=True)]
+            else:
+                targets = [per_leaf[index] for index in picked]
             chosen = frozenset(picked)
             return _Plan(treedef, shapes, chosen, chosen, targets, sizes, None)
         groups = resolve_groups(names, shapes, channel_groups)
@@ -205,7 +224,7 @@ def make_pruner(
         return _Plan(treedef, shapes, masked, scored, targets, sizes, [g for g, _ in picked_groups])
 
     def counts(the_plan: _Plan, sparsity: jax.Array) -> Any:
-        if scope == "global":
+        if scope in ONE_RANKING:
             return _scheduled_count(sparsity, final, sum(the_plan.sizes), final)
         return [
             _scheduled_count(sparsity, target, size, final)

@@ -3,8 +3,8 @@ r"""Levers for high sparsity: a longer schedule and layer-wise allocations, same
 Train the dense student first (configs/student.py), then one run per lever, e.g.
   python -m jaxcomp.main --config=configs/prune_levers.py:lamp_3000 \
     --workdir=workdirs/levers/lamp_3000
-or all five:
-  for lever in layer_600 layer_3000 global_3000 lamp_3000 erk_3000; do
+or all eight (four allocations at two budgets):
+  for lever in {layer,global,lamp,erk}_{600,3000}; do
     python -m jaxcomp.main --config=configs/prune_levers.py:$lever --workdir=workdirs/levers/$lever
   done
 Other sparsities (0.8 by default): `--config=configs/prune_levers.py:lamp_3000:0.9`.
@@ -27,7 +27,9 @@ import os
 
 from jaxcomp.config import load_config_file
 
-LEVERS = ("layer_600", "layer_3000", "global_3000", "lamp_3000", "erk_3000")
+LEVERS = tuple(
+    f"{scope}_{steps}" for steps in ("600", "3000") for scope in ("layer", "global", "lamp", "erk")
+)
 
 
 def get_config(arg: str = "layer_3000"):

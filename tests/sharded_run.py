@@ -4,8 +4,9 @@ Run as `python tests/sharded_run.py DATA_DIR WORKDIR OUT.json` with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`: three train steps on the same
 batches replicated (`data`=8) and FSDP-sharded (`data`=2 x `fsdp`=4, backbone kernels
 split over `fsdp`); the FSDP run's checkpoint is then restored onto a `data`=4 x
-`fsdp`=2 mesh and onto the replicated one. Writes losses, shard shapes and the
-restored values' agreement to OUT.json.
+`fsdp`=2 mesh and onto the replicated one, and the FSDP run is finished by
+`train_and_evaluate` (resumed, evaluated, exported). Writes losses, shard shapes,
+the restored values' agreement and the finished run's step and AP to OUT.json.
 """
 
 import json
@@ -79,7 +80,14 @@ def main(data_dir, workdir, out):
             "all_equal": all(jax.tree.leaves(same)),
             "kernel_shards": shard_shapes(kernel_and_moment(again)[0]),
         }
+    # The CLI's path on the FSDP mesh: resume at step 3, finish, evaluate and export.
+    finished = training.train_and_evaluate(fsdp.config, workdir)
     result = {
+        "finished": {
+            "step": finished["step"],
+            "AP": finished["metrics"]["AP"],
+            "exported_AP": finished["compression"]["model"]["AP"],
+        },
         "devices": jax.device_count(),
         "replicated_losses": replicated_losses,
         "fsdp_losses": fsdp_losses,

@@ -19,7 +19,9 @@ PARAMS = {
     },
     "heatmap": {"out": {"kernel": jnp.zeros((1, 1, 8, 3)), "bias": jnp.zeros(3)}},
 }
-PRUNE_LEVERS = ("layer_600", "layer_3000", "global_3000", "lamp_3000", "erk_3000")
+PRUNE_LEVERS = tuple(
+    f"{scope}_{steps}" for steps in (600, 3000) for scope in ("layer", "global", "lamp", "erk")
+)
 
 
 def test_leaf_names_join_key_paths():
@@ -101,15 +103,15 @@ def test_prune_levers_share_one_budget_and_differ_in_scope():
     levers = {lever: load_config_file(f"configs/prune_levers.py:{lever}") for lever in PRUNE_LEVERS}
     assert levers["layer_600"] == load_config_file("configs/prune_magnitude.py")
     assert load_config_file("configs/prune_levers.py:erk_3000:0.9").prune.sparsity == 0.9
-    budget = None
+    budgets = {}
     for lever, config in levers.items():
         scope, steps = lever.split("_")
         assert config.prune.scope == scope
         if steps == "3000":
             assert (config.train.steps, prune_end_step(config)) == (3000, 2400)
-            config.prune.scope = "layer"
-            budget = budget or config
-            assert config == budget, lever
+        config.prune.scope = "layer"
+        budget = budgets.setdefault(steps, config)
+        assert config == budget, lever
     with pytest.raises(ValueError, match="unknown lever 'lamp'; configs/prune_levers.py has"):
         load_config_file("configs/prune_levers.py:lamp")
 

@@ -110,6 +110,8 @@ def test_fsdp_run_on_8_devices_matches_replicated_and_restores_onto_other_meshes
         "all_equal": True,
         "kernel_shards": [[1, 1, 40, 120]],
     }
+    assert result["finished"]["step"] == 6
+    assert 0 <= result["finished"]["AP"] <= 1 and result["finished"]["exported_AP"] >= 0
     assert result["restored"]["replicated"] == {
         "step": 3,
         "all_equal": True,

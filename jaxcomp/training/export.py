@@ -98,6 +98,10 @@ def compression_summary(
       AP50, parameters, non-zeros, sparsity, FLOPs and bytes.
     """
     config = experiment.config
+    replicated = NamedSharding(experiment.mesh, PartitionSpec())
+    # Leaves split by `config.mesh.rules` may live on other hosts; every process gathers
+    # the whole state before reading it.
+    state = jax.jit(lambda tree: tree, out_shardings=replicated)(state)
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     export_dir = os.path.join(os.path.abspath(workdir), "export")
     size = config.data.image_size
@@ -130,7 +134,6 @@ def compression_summary(
                 apply=export.apply,
                 batch_axes=experiment.batch_axes,
             )
-            replicated = NamedSharding(experiment.mesh, PartitionSpec())
             form_metrics = evaluate_experiment(
                 experiment, jax.device_put(export.tree, replicated), eval_step
             )

@@ -20,7 +20,7 @@ demo: $(STAMP)
 # The full-length recipe (hours on 2 CPU cores); resumes where it stopped.
 results: $(STAMP)
 	$(BIN)/python -m jaxcomp.recipe --config=configs/compress.py --workdir=$(WORKDIR)/compress \
-		--results_dir=results
+		--results_dir=results --latency
 
 # Tests mostly wait on single-threaded XLA compiles: one worker per core (at most 4).
 # `loadgroup` keeps the tests of one `xdist_group` on one worker, so that their

@@ -3,11 +3,14 @@
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-import jax
 import numpy as np
+
+from jaxcomp.latency import alternate as alternate
+from jaxcomp.latency import median_ms as median_ms
+from jaxcomp.latency import paired_ratio as paired_ratio
+from jaxcomp.latency import seconds as seconds
 
 NUM_CLASSES = 14
 
@@ -22,37 +25,6 @@ def synthetic_batch(batch_size: int, image_size: int, max_objects: int = 16) -> 
         "labels": rng.integers(0, NUM_CLASSES, (batch_size, max_objects), dtype=np.int32),
         "box_mask": np.ones((batch_size, max_objects), bool),
     }
-
-
-def seconds(fn: Callable, *args) -> float:
-    """Wall time of one call of `fn(*args)`, waiting for its results."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
-def alternate(runners: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Times each runner once per round, round after round, after one untimed call each.
-
-    Alternating makes machine noise (these machines are shared) hit every side alike,
-    so the median of paired ratios is steadier than a ratio of separate medians.
-    """
-    for run in runners.values():
-        run()
-    times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            times[name].append(run())
-    return times
-
-
-def median_ms(values: list[float]) -> float:
-    return 1000 * float(np.median(values))
-
-
-def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
-    """The median over rounds of numerator / denominator."""
-    return float(np.median(np.array(numerator) / np.array(denominator)))
 
 
 def run_json_child(script: str, flag: str, environ: Mapping[str, str] | None = None) -> dict:

@@ -1,23 +1,38 @@
-r"""The full compression recipe: teacher -> distilled student -> pruned -> int8, and its baselines.
+r"""The full compression recipe: teacher -> distilled student -> compressed, and its baselines.
 
-Command (every stage in order, resuming where it stopped; hours on 2 CPU cores):
+Command (every stage and seed in order, resuming where it stopped; many hours on 2
+CPU cores), then the finished stages' latencies side by side:
   make results   # = python -m jaxcomp.recipe --config=configs/compress.py \
-                 #       --workdir=workdirs/compress --results_dir=results
+                 #       --workdir=workdirs/compress --results_dir=results --latency
 One stage alone (its inputs must have finished):
   python -m jaxcomp.main --config=configs/compress.py:pruned --workdir=workdirs/compress/pruned
 
-Stages (workdirs/compress/<stage>):
+Stages (seed 0 in workdirs/compress/<stage>, seed k in workdirs/compress/<stage>_seed<k>):
   teacher           the teacher, 3000 steps (configs/teacher.py)
-  student           the student trained alone, 3000 steps (configs/student.py)
+  student           the student (x0.5) trained alone, 3000 steps (configs/student.py)
   distilled         the student distilled from the teacher, 3000 steps (configs/distill.py)
-  pruned            distilled -> 80% gradual magnitude pruning while distilling, 1000 steps
-  int8              pruned -> int8 QAT while distilling (masks kept), 1000 steps, converted
-                    to int8 and evaluated on the int8 serving path
-  student_w035/_w075, distilled_w035/_w075
-                    the width axis: narrower and wider backbones, alone and distilled
-  pruned_50, pruned_90, pruned_channels
-                    the sparsity axis from the distilled student (and channels, shrunk)
-  int8_90           pruned_90 -> int8 QAT as for int8: the smallest model of the recipe
+  student_w025/_w035/_w075, distilled_w025/_w035/_w075
+                    the width axis: dense students of other widths, alone and distilled,
+                    3000 steps each: what training a smaller model buys, to set the
+                    compressed models against
+  pruned, pruned_50, pruned_90
+                    80% / 50% / 90% gradual magnitude pruning of the prunable kernels
+  pruned_channels   50% of the channels, shrunk
+  int8, int8_90     80% / 90% pruning and int8 QAT in the same run, evaluated on the
+                    int8 serving path
+  int8_channels     50% channels and int8 QAT in the same run: the shrunk model in int8
+
+The budget: every compressed stage (pruned*, int8*) trains FINETUNE_STEPS = 2000
+steps from the distilled student of its seed, distilling from the teacher of its
+seed throughout, with the same optimizer; pruning reaches its sparsity at step 1200
+(60%) and the rest fine-tunes; QAT runs from the first step, its observers and
+BatchNorm frozen at steps 1400 and 1600. So no method gets more training than
+another (quantizing a pruned stage in a second run would give int8 twice the steps).
+
+Seeds: the headline rows (SEEDED_STAGES: the dense stages, pruned and the int8
+stages) run SEEDS = 3 times, seed k starting from / taught by the seed-k runs of
+the stages it depends on; the table reports mean ± std. pruned_50, pruned_90 and
+pruned_channels run once and are marked so.
 
 Expected: the results table of docs/results.md (results/results.md) and results/*.png.
 """
@@ -30,6 +45,8 @@ STAGES = (
     "distilled",
     "pruned",
     "int8",
+    "student_w025",
+    "distilled_w025",
     "student_w035",
     "distilled_w035",
     "student_w075",
@@ -38,16 +55,33 @@ STAGES = (
     "pruned_90",
     "pruned_channels",
     "int8_90",
+    "int8_channels",
 )
-_PRUNED = ("pruned", "pruned_50", "pruned_90", "pruned_channels")
-_INT8 = {"int8": "pruned", "int8_90": "pruned_90"}
-INIT_FROM = {**_INT8, **{stage: "distilled" for stage in _PRUNED}}
+FINETUNE_STEPS = 2000
+_SPARSITY = {"pruned_50": 0.5, "pruned_90": 0.9, "int8_90": 0.9}
+_CHANNELS = ("pruned_channels", "int8_channels")
+_INT8 = ("int8", "int8_90", "int8_channels")
+_COMPRESSED = ("pruned", "pruned_50", "pruned_90", "pruned_channels", *_INT8)
+_WIDTHS = {
+    "w025": "centernet_student_w025",
+    "w035": "centernet_student_w035",
+    "w075": "centernet_student_w075",
+}
+INIT_FROM = {stage: "distilled" for stage in _COMPRESSED}
 TEACHER = {
     stage: "teacher"
-    for stage in ("distilled", "distilled_w035", "distilled_w075", *_PRUNED, *_INT8)
+    for stage in ("distilled", *(f"distilled_{width}" for width in _WIDTHS), *_COMPRESSED)
 }
+SEEDS = 3
+SEEDED_STAGES = (
+    "teacher",
+    "student",
+    "distilled",
+    *(f"{role}_{width}" for width in _WIDTHS for role in ("student", "distilled")),
+    "pruned",
+    *_INT8,
+)
 _WORKDIR = "workdirs/compress"
-_WIDTHS = {"w035": "centernet_student_w035", "w075": "centernet_student_w075"}
 
 
 def get_config(stage: str = "distilled"):
@@ -55,6 +89,7 @@ def get_config(stage: str = "distilled"):
         raise ValueError(f"unknown stage {stage!r}; configs/compress.py has {STAGES}")
     if stage in INIT_FROM:
         config = finetune_config(f"{_WORKDIR}/{INIT_FROM[stage]}")
+        config.train.steps = FINETUNE_STEPS
     else:
         config = default_config()
         config.train.eval_every = 500
@@ -63,23 +98,13 @@ def get_config(stage: str = "distilled"):
         config.model.name = _WIDTHS[stage.rsplit("_", 1)[1]]
     if stage in TEACHER:
         config.distill.teacher = f"{_WORKDIR}/{TEACHER[stage]}"
-    if stage in _PRUNED or stage in _INT8:
-        config.prune.method = "channel" if stage == "pruned_channels" else "unstructured"
-        config.prune.sparsity = {
-            "pruned_50": 0.5,
-            "pruned_90": 0.9,
-            "int8_90": 0.9,
-            "pruned_channels": 0.5,
-        }.get(stage, 0.8)
-        config.prune.end_step = 600
+    if stage in _COMPRESSED:
+        config.prune.method = "channel" if stage in _CHANNELS else "unstructured"
+        config.prune.sparsity = 0.5 if stage in _CHANNELS else _SPARSITY.get(stage, 0.8)
+        config.prune.end_step = 1200
     if stage in _INT8:
-        # The masks of the pruned stage are the zeros it ends with: a one-shot magnitude
-        # mask at the same sparsity at step 0 picks exactly them and keeps them zero.
-        config.prune.schedule = "one_shot"
-        config.prune.end_step = 1
         config.quant.mode = "qat"
         config.quant.observer = "ema"
-        config.quant.freeze_observers_step = 700
-        config.quant.freeze_bn_step = 800
-        config.optim.learning_rate = 1e-3
+        config.quant.freeze_observers_step = 1400
+        config.quant.freeze_bn_step = 1600
     return config

@@ -4,6 +4,7 @@ Each plot is a `matplotlib.figure.Figure` saved to a file, without pyplot, so it
 works on machines without a display and leaves a notebook's backend alone.
 """
 
+import math
 from typing import Any
 
 
@@ -50,17 +51,59 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str) -> None:
-    """AP against bytes on disk, one labelled point per model, the Pareto front drawn.
+_COSTS = {
+    "bytes_on_disk": ("KiB on disk, packed (log scale)", 1 / 1024, "size on disk"),
+    "flops": ("forward MFLOPs counting non-zeros (log scale)", 1e-6, "forward FLOPs"),
+}
+
+
+def _kind(row: dict[str, Any]) -> str:
+    """How a row's model came about: dense alone, dense distilled, or compressed."""
+    if row["prune"] != "none" or row["quant"] != "none":
+        return "compressed"
+    return "dense, distilled" if row.get("distilled") else "dense, trained alone"
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: str, cost: str = "bytes_on_disk") -> None:
+    """AP against a cost, one labelled point per stage, dense and compressed told apart.
+
+    Error bars are one standard deviation over seeds where a row has several
+    (`AP_std`, as `jaxcomp.recipe.aggregate_rows` gives); the Pareto front over all
+    points is drawn, so a compressed model below the front of the dense models of
+    other widths is beaten by simply training a smaller one.
 
     Args:
-      rows: `jaxcomp.recipe.result_row` dicts (stage, AP, bytes_on_disk).
+      rows: `jaxcomp.recipe.result_row` or `aggregate_rows` dicts (stage, AP, prune,
+        quant, distilled and the cost).
       path: where to write the image.
+      cost: 'bytes_on_disk' or 'flops'.
     """
-    figure = _figure(figsize=(7, 4.5))
+    if cost not in _COSTS:
+        raise ValueError(f"cost must be one of {sorted(_COSTS)}, got {cost!r}")
+    label, scale, title = _COSTS[cost]
+    figure = _figure(figsize=(7.5, 5))
     axis = figure.subplots()
-    points = [(row["bytes_on_disk"] / 1024, 100 * row["AP"]) for row in rows]
-    axis.scatter(*zip(*points, strict=True), color="tab:blue", zorder=3)
+    points = [(row[cost] * scale, 100 * row["AP"]) for row in rows]
+    styles = {
+        "dense, trained alone": ("s", "tab:gray"),
+        "dense, distilled": ("D", "tab:green"),
+        "compressed": ("o", "tab:blue"),
+    }
+    for kind, (marker, color) in styles.items():
+        chosen = [i for i, row in enumerate(rows) if _kind(row) == kind]
+        if not chosen:
+            continue
+        errors = [100 * rows[i].get("AP_std", float("nan")) for i in chosen]
+        axis.errorbar(
+            [points[i][0] for i in chosen],
+            [points[i][1] for i in chosen],
+            yerr=[0.0 if math.isnan(error) else error for error in errors],
+            fmt=marker,
+            color=color,
+            capsize=3,
+            label=kind,
+            zorder=3,
+        )
     for row, (size, accuracy) in zip(rows, points, strict=True):
         axis.annotate(
             row["stage"], (size, accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points"
@@ -70,11 +113,11 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str) -> None:
         *zip(*front, strict=True), where="post", color="tab:orange", alpha=0.7, label="Pareto front"
     )
     axis.set_xscale("log")
-    axis.set_xlabel("KiB on disk (log scale)")
-    axis.set_ylabel("AP (%)")
-    axis.set_title("accuracy against size on disk")
+    axis.set_xlabel(label)
+    axis.set_ylabel("AP (%), mean ± std over seeds")
+    axis.set_title(f"accuracy against {title}")
     axis.grid(alpha=0.3)
-    axis.legend(loc="lower right")
+    axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

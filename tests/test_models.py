@@ -75,6 +75,10 @@ def test_variants_are_ordered_by_size():
         )
         counts[name] = sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"]))
     assert counts["centernet_tiny"] < counts["centernet_student"] < counts["centernet_teacher"]
+    # The width axis: x0.25, x0.35, x0.5 (the student), x0.75.
+    widths = ["_w025", "_w035", "", "_w075"]
+    sizes = [counts[f"centernet_student{width}"] for width in widths]
+    assert sizes == sorted(set(sizes))
 
 
 def test_bad_inputs_are_clear_errors():

@@ -11,6 +11,7 @@ from jaxcomp.models.centernet import (
     OUTPUT_STRIDE,
     CenterNet,
     centernet_student,
+    centernet_student_w025,
     centernet_student_w035,
     centernet_student_w075,
     centernet_teacher,
@@ -28,6 +29,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "centernet_teacher": centernet_teacher,
     "centernet_student": centernet_student,
+    "centernet_student_w025": centernet_student_w025,
     "centernet_student_w035": centernet_student_w035,
     "centernet_student_w075": centernet_student_w075,
     "centernet_tiny": centernet_tiny,
@@ -126,6 +128,7 @@ __all__ = [
     "CenterNet",
     "MobileNetV2",
     "centernet_student",
+    "centernet_student_w025",
     "centernet_student_w035",
     "centernet_student_w075",
     "centernet_teacher",

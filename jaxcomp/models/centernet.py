@@ -303,7 +303,11 @@ def channel_groups(variables: Mapping[str, Any]) -> dict[str, list[tuple[str, in
 
 centernet_teacher = functools.partial(CenterNet, width=1.0, neck_features=128, head_features=128)
 centernet_student = functools.partial(CenterNet, width=0.5, neck_features=64, head_features=64)
-# The lightweight-design axis: the student's neck and heads on narrower/wider backbones.
+# The lightweight-design axis: the student's neck and heads on narrower/wider backbones
+# (the student itself is the x0.5 point).
+centernet_student_w025 = functools.partial(
+    CenterNet, width=0.25, neck_features=64, head_features=64
+)
 centernet_student_w035 = functools.partial(
     CenterNet, width=0.35, neck_features=64, head_features=64
 )

@@ -46,7 +46,13 @@ from jaxcomp.prune.scores import (
     saliency_score,
 )
 from jaxcomp.prune.shrink import channel_keep_indices, group_widths, shrink_tree
-from jaxcomp.prune.storage import directory_bytes, load_sparse, save_dense, save_sparse
+from jaxcomp.prune.storage import (
+    directory_bytes,
+    entropy_coded_bytes,
+    load_sparse,
+    save_dense,
+    save_sparse,
+)
 
 __all__ = [
     "METHODS",
@@ -64,6 +70,7 @@ __all__ = [
     "channel_keep_indices",
     "channel_mask",
     "directory_bytes",
+    "entropy_coded_bytes",
     "erk_densities",
     "erk_pruned_counts",
     "format_sparsity_table",

@@ -38,7 +38,9 @@ def save_and_measure(tree: Any, directory: str) -> dict[str, int]:
     Orbax compresses checkpoints (zstd), so runs of zeros already shrink the dense
     checkpoint; the sparse form (bitmask + non-zero values) wins at high sparsity.
     `bytes_raw` is the arrays' uncompressed size: about what an unpruned float32
-    model takes on disk, as trained weights do not compress.
+    model takes on disk, as trained weights do not compress. `bytes_zstd` and
+    `bytes_gzip` are the sparse form's content entropy-coded whole
+    (`prune.entropy_coded_bytes`).
     """
     tree = jax.device_get(tree)
     dense_dir, sparse_dir = os.path.join(directory, "dense"), os.path.join(directory, "sparse")
@@ -52,6 +54,7 @@ def save_and_measure(tree: Any, directory: str) -> dict[str, int]:
         "bytes_raw": int(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree))),
         "bytes_dense": prune.directory_bytes(dense_dir),
         "bytes_sparse": prune.directory_bytes(sparse_dir),
+        **prune.entropy_coded_bytes(tree),
     }
 
 

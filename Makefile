@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/distill.py
 	$(BIN)/python benchmarks/huge_pages.py
 	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/accelerator.py --models=centernet_student
 
 # The demo's int8 model (of `make demo`) as an ONNX QDQ graph, checked in ONNX Runtime.
 export: $(STAMP)

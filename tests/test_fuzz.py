@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from jaxcomp import paths
 from jaxcomp.data import pipeline
+from jaxcomp.detection import encode_targets
 
 SIZE = 32
 NUM_CLASSES = 4
@@ -122,10 +123,14 @@ def test_any_example_becomes_a_valid_row_and_every_annotation_is_counted(
     assert np.all((kept >= 0) & (kept <= SIZE)) and np.all(kept[:, 2:] > kept[:, :2])
     assert np.all(row["boxes"][~mask] == 0) and np.all(row["labels"][~mask] == 0)
     assert np.all((row["labels"][mask] >= 0) & (row["labels"][mask] < NUM_CLASSES))
-    assert np.all(row["target_mask"] <= mask)
+    # The rows encode (the NumPy twin of the train step's encoder) to finite targets.
+    targets = encode_targets(
+        row["boxes"], row["labels"], mask, image_size=SIZE, num_classes=NUM_CLASSES
+    )
+    assert np.all(targets["target_mask"] <= mask)
     for key in ("heatmap", "size", "offset"):
-        assert np.all(np.isfinite(row[key])), key
-    assert np.all((row["heatmap"] >= 0) & (row["heatmap"] <= 1))
+        assert np.all(np.isfinite(targets[key])), key
+    assert np.all((targets["heatmap"] >= 0) & (targets["heatmap"] <= 1))
 
 
 # --- the path-rule parser --------------------------------------------------------------------

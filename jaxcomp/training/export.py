@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcomp import flops, prune, report, transforms
@@ -101,10 +102,9 @@ def compression_summary(
       AP50, parameters, non-zeros, sparsity, FLOPs and bytes.
     """
     config = experiment.config
-    replicated = NamedSharding(experiment.mesh, PartitionSpec())
     # Leaves split by `config.mesh.rules` may live on other hosts; every process gathers
     # the whole state before reading it.
-    state = jax.jit(lambda tree: tree, out_shardings=replicated)(state)
+    state = multihost_utils.process_allgather(state, tiled=True)
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     export_dir = os.path.join(os.path.abspath(workdir), "export")
     size = config.data.image_size
@@ -137,6 +137,7 @@ def compression_summary(
                 apply=export.apply,
                 batch_axes=experiment.batch_axes,
             )
+            replicated = NamedSharding(experiment.mesh, PartitionSpec())
             form_metrics = evaluate_experiment(
                 experiment, jax.device_put(export.tree, replicated), eval_step
             )

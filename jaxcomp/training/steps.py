@@ -214,6 +214,10 @@ def jit_eval_step(
     """
     if apply is None:
         step = functools.partial(eval_step, model=model, methods=tuple(methods), top_k=top_k)
+        if state_sharding is not None:
+            # The optimizer states go unread (None: unspecified), so a TrainState
+            # without them (built from variables) evaluates too.
+            state_sharding = state_sharding.replace(opt_state=None, method_opt_state=None)
     else:
         step = functools.partial(export_eval_step, apply=apply, top_k=top_k)
     return jax.jit(

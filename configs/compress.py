@@ -16,7 +16,9 @@ Stages (seed 0 in workdirs/compress/<stage>, seed k in workdirs/compress/<stage>
                     3000 steps each: what training a smaller model buys, to set the
                     compressed models against
   pruned, pruned_50, pruned_90
-                    80% / 50% / 90% gradual magnitude pruning of the prunable kernels
+                    80% / 50% / 90% gradual magnitude pruning of the prunable kernels,
+                    allocated across layers by LAMP (docs/pruning.md: at 80% it kept
+                    21.1 AP where uniform per-layer pruning kept 12.5)
   pruned_channels   50% of the channels, shrunk
   int8, int8_90     80% / 90% pruning and int8 QAT in the same run, evaluated on the
                     int8 serving path
@@ -100,6 +102,8 @@ def get_config(stage: str = "distilled"):
         config.distill.teacher = f"{_WORKDIR}/{TEACHER[stage]}"
     if stage in _COMPRESSED:
         config.prune.method = "channel" if stage in _CHANNELS else "unstructured"
+        if stage not in _CHANNELS:
+            config.prune.scope = "lamp"
         config.prune.sparsity = 0.5 if stage in _CHANNELS else _SPARSITY.get(stage, 0.8)
         config.prune.end_step = 1200
     if stage in _INT8:

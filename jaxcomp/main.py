@@ -45,8 +45,8 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         # orbax and TFDS log every save and read at INFO; `--verbosity=0` brings them back.
         logging.set_verbosity(logging.WARNING)
-    training.enable_compilation_cache(FLAGS.compilation_cache_dir)
     cluster.initialize(FLAGS)
+    training.enable_compilation_cache(FLAGS.compilation_cache_dir)
     logging.info(
         "JAX devices: %s (process %d of %d)",
         jax.devices(),

@@ -497,8 +497,8 @@ def main(argv):
     cluster.check_flags(FLAGS)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and TFDS are chatty at INFO
-    training.enable_compilation_cache(FLAGS.compilation_cache_dir)
     cluster.initialize(FLAGS)
+    training.enable_compilation_cache(FLAGS.compilation_cache_dir)
     rows = run_recipe(
         FLAGS.config, FLAGS.workdir, FLAGS.stages, FLAGS.results_dir, measure=FLAGS.latency
     )

@@ -31,10 +31,17 @@ from jaxcomp.training.steps import evaluate, jit_eval_step, jit_train_step
 def enable_compilation_cache(cache_dir: str | None) -> None:
     """Keeps compiled XLA programs in `cache_dir`, so a second start skips the compiles.
 
+    Call it after `jax.distributed.initialize`: it asks how many processes there are.
+
     Args:
       cache_dir: a directory (created if missing; '~' expanded), or None/'' to disable.
     """
     if not cache_dir:
+        return
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        # Only process 0 writes cache entries, and on CPU the others do not find them:
+        # resumed, process 0 would load its step while the others compile theirs, and
+        # gloo gives up on the first collective after 30 s of waiting.
         return
     cache_dir = os.path.expanduser(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)

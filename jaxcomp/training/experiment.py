@@ -39,9 +39,9 @@ def enable_compilation_cache(cache_dir: str | None) -> None:
     if not cache_dir:
         return
     if jax.process_count() > 1 and jax.default_backend() == "cpu":
-        # Only process 0 writes cache entries, and on CPU the others do not find them:
-        # resumed, process 0 would load its step while the others compile theirs, and
-        # gloo gives up on the first collective after 30 s of waiting.
+        # JAX writes cache entries from process 0 only. A resumed two-process CPU run
+        # failed as if process 0 loaded its step while process 1 compiled: gloo gives
+        # up on the first collective after 30 s. Compiling everywhere keeps them level.
         return
     cache_dir = os.path.expanduser(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs
 
-.PHONY: demo results test test-slow test-all bench export lint format clean
+.PHONY: demo results results-alone test test-slow test-all bench export lint format clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "jaxcomp needs Python >= 3.11, but $(PYTHON) is " + sys.version.split()[0] + "; run make PYTHON=python3.11 ...")'
@@ -21,6 +21,11 @@ demo: $(STAMP)
 results: $(STAMP)
 	$(BIN)/python -m jaxcomp.recipe --config=configs/compress.py --workdir=$(WORKDIR)/compress \
 		--results_dir=results --latency
+
+# The recipe's stages that need no teacher, 3 seeds each (a few hours on 2 CPU cores).
+results-alone: $(STAMP)
+	$(BIN)/python -m jaxcomp.recipe --config=configs/compress_alone.py \
+		--workdir=$(WORKDIR)/compress_alone --results_dir=results/alone --latency
 
 # Tests mostly wait on single-threaded XLA compiles: one worker per core (at most 4).
 # `loadgroup` keeps the tests of one `xdist_group` on one worker, so that their

@@ -82,6 +82,10 @@ def test_config_files_load_and_validate():
         "configs/teacher.py",
         *(f"configs/demo.py:{stage}" for stage in load_recipe("configs/demo.py")[0]),
         *(f"configs/compress.py:{stage}" for stage in load_recipe("configs/compress.py")[0]),
+        *(
+            f"configs/compress_alone.py:{stage}"
+            for stage in load_recipe("configs/compress_alone.py")[0]
+        ),
         "configs/distill.py",
         "configs/distill.py:centernet_student_w035",
         "configs/student.py:centernet_student_w075",

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxcomp import latency, recipe, report
+from jaxcomp.config import load_config_file
 from jaxcomp.training.export import save_and_measure
 
 RECIPE = """
@@ -148,6 +149,18 @@ def test_compressed_stages_share_one_budget_from_the_distilled_student():
             budgets[stage] = (config.train.steps, config.init_from, config.optim.learning_rate)
     assert set(budgets) >= {"pruned", "int8", "int8_90", "int8_channels", "pruned_channels"}
     assert set(budgets.values()) == {(2000, os.path.join("runs", "distilled"), 2e-3)}
+
+
+def test_recipe_without_a_teacher_compresses_the_student_alone_on_the_same_budget():
+    alone = recipe.load_recipe("configs/compress_alone.py")
+    assert alone.teacher == {} and set(alone.seeded_stages) == set(alone.stages)
+    for stage in alone.init_from:
+        config = recipe.stage_config("configs/compress_alone.py", stage, "runs", alone, seed=1)
+        same_stage = load_config_file(f"configs/compress.py:{stage}")
+        assert config.init_from == os.path.join("runs", "student_seed1")
+        assert config.distill.teacher == "" and config.seed == same_stage.seed + 1
+        for field in ("train", "optim", "prune", "quant"):
+            assert config[field].to_dict() == same_stage[field].to_dict(), field
 
 
 def test_seed_k_runs_from_the_seed_k_runs_it_depends_on(tmp_path):

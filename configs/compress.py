@@ -15,6 +15,8 @@ Stages (seed 0 in workdirs/compress/<stage>, seed k in workdirs/compress/<stage>
                     the width axis: dense students of other widths, alone and distilled,
                     3000 steps each: what training a smaller model buys, to set the
                     compressed models against
+  finetuned         the distilled student trained FINETUNE_STEPS more steps, dense: the
+                    control for the compressed stages' extra steps
   pruned, pruned_50, pruned_90
                     80% / 50% / 90% gradual magnitude pruning of the prunable kernels,
                     allocated across layers by LAMP (docs/pruning.md: at 80% it kept
@@ -24,16 +26,17 @@ Stages (seed 0 in workdirs/compress/<stage>, seed k in workdirs/compress/<stage>
                     int8 serving path
   int8_channels     50% channels and int8 QAT in the same run: the shrunk model in int8
 
-The budget: every compressed stage (pruned*, int8*) trains FINETUNE_STEPS = 2000
-steps from the distilled student of its seed, distilling from the teacher of its
-seed throughout, with the same optimizer; pruning reaches its sparsity at step 1200
-(60%) and the rest fine-tunes; QAT runs from the first step, its observers and
-BatchNorm frozen at steps 1400 and 1600. So no method gets more training than
-another (quantizing a pruned stage in a second run would give int8 twice the steps).
+The budget: every compressed stage (pruned*, int8*), and the dense control
+`finetuned`, trains FINETUNE_STEPS = 2000 steps from the distilled student of its
+seed, distilling from the teacher of its seed throughout, with the same optimizer;
+pruning reaches its sparsity at step 1200 (60%) and the rest fine-tunes; QAT runs
+from the first step, its observers and BatchNorm frozen at steps 1400 and 1600. So
+no method gets more training than another (quantizing a pruned stage in a second
+run would give int8 twice the steps).
 
-Seeds: the headline rows (SEEDED_STAGES: the dense stages, pruned and the int8
-stages) run SEEDS = 3 times, seed k starting from / taught by the seed-k runs of
-the stages it depends on; the table reports mean ± std. pruned_50, pruned_90 and
+Seeds: the headline rows (SEEDED_STAGES: the dense stages, finetuned, pruned and
+the int8 stages) run SEEDS = 3 times, seed k starting from / taught by the seed-k
+runs of the stages it depends on; the table reports mean ± std. pruned_50, pruned_90 and
 pruned_channels run once and are marked so.
 
 Expected: the results table of docs/results.md (results/results.md) and results/*.png.
@@ -45,6 +48,7 @@ STAGES = (
     "teacher",
     "student",
     "distilled",
+    "finetuned",
     "pruned",
     "int8",
     "student_w025",
@@ -69,10 +73,11 @@ _WIDTHS = {
     "w035": "centernet_student_w035",
     "w075": "centernet_student_w075",
 }
-INIT_FROM = {stage: "distilled" for stage in _COMPRESSED}
+_FINETUNED = ("finetuned", *_COMPRESSED)
+INIT_FROM = {stage: "distilled" for stage in _FINETUNED}
 TEACHER = {
     stage: "teacher"
-    for stage in ("distilled", *(f"distilled_{width}" for width in _WIDTHS), *_COMPRESSED)
+    for stage in ("distilled", *(f"distilled_{width}" for width in _WIDTHS), *_FINETUNED)
 }
 SEEDS = 3
 SEEDED_STAGES = (
@@ -80,6 +85,7 @@ SEEDED_STAGES = (
     "student",
     "distilled",
     *(f"{role}_{width}" for width in _WIDTHS for role in ("student", "distilled")),
+    "finetuned",
     "pruned",
     *_INT8,
 )

@@ -15,6 +15,8 @@ Command (resumable stage by stage, like `make results`):
 Stages (seed k in workdirs/compress_alone/<stage>_seed<k>; see configs/compress.py):
   student, student_w025, student_w035, student_w075
                     dense students x0.5, x0.25, x0.35, x0.75, 3000 steps each
+  finetuned         the student trained FINETUNE_STEPS more steps, dense: what the
+                    compressed stages' extra steps alone buy
   pruned, pruned_90 80% / 90% LAMP-allocated magnitude pruning
   int8_90           90% pruning and int8 QAT in one run (the candidate >= 10x smaller)
   int8_channels     50% of the channels, shrunk, and int8 QAT in one run
@@ -30,14 +32,15 @@ STAGES = (
     "student",
     "student_w025",
     "student_w035",
+    "finetuned",
     "pruned",
     "int8_90",
     "student_w075",
     "pruned_90",
     "int8_channels",
 )
-_COMPRESSED = ("pruned", "int8_90", "pruned_90", "int8_channels")
-INIT_FROM = {stage: "student" for stage in _COMPRESSED}
+_FINETUNED = ("finetuned", "pruned", "int8_90", "pruned_90", "int8_channels")
+INIT_FROM = {stage: "student" for stage in _FINETUNED}
 TEACHER = {}
 SEEDS = 3
 SEEDED_STAGES = STAGES

@@ -113,11 +113,13 @@ def plot_pareto(rows: list[dict[str, Any]], path: str, cost: str = "bytes_on_dis
         *zip(*front, strict=True), where="post", color="tab:orange", alpha=0.7, label="Pareto front"
     )
     axis.set_xscale("log")
+    # Room for the labels of the outermost points.
+    axis.margins(x=0.12, y=0.08)
     axis.set_xlabel(label)
     axis.set_ylabel("AP (%), mean ± std over seeds")
     axis.set_title(f"accuracy against {title}")
     axis.grid(alpha=0.3)
-    axis.legend(loc="lower right", fontsize=8)
+    axis.legend(loc="best", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -134,20 +134,20 @@ def test_recipe_declarations_are_checked(tmp_path):
     with pytest.raises(ValueError, match="SEEDS must be an int >= 1, got 0"):
         recipe.load_recipe(str(config_file))
     compress = recipe.load_recipe("configs/compress.py")
-    assert compress.stages[:5] == ("teacher", "student", "distilled", "pruned", "int8")
+    assert compress.stages[:5] == ("teacher", "student", "distilled", "finetuned", "pruned")
     assert compress.init_from["int8"] == "distilled" and compress.teacher["int8"] == "teacher"
     assert compress.seeds_of("distilled_w025") == 3 and compress.seeds_of("pruned_50") == 1
     assert recipe.load_recipe("configs/demo.py").seeds_of("distilled") == 1
 
 
-def test_compressed_stages_share_one_budget_from_the_distilled_student():
+def test_compressed_stages_and_their_dense_control_share_one_budget_from_the_distilled_student():
     compress = recipe.load_recipe("configs/compress.py")
     budgets = {}
     for stage in compress.stages:
         config = recipe.stage_config("configs/compress.py", stage, "runs", compress)
-        if config.prune.method != "none" or config.quant.mode != "none":
+        if stage in compress.init_from:
             budgets[stage] = (config.train.steps, config.init_from, config.optim.learning_rate)
-    assert set(budgets) >= {"pruned", "int8", "int8_90", "int8_channels", "pruned_channels"}
+    assert set(budgets) >= {"finetuned", "pruned", "int8", "int8_90", "int8_channels"}
     assert set(budgets.values()) == {(2000, os.path.join("runs", "distilled"), 2e-3)}
 
 

@@ -922,6 +922,15 @@ def _no_batch_stats(tmp_path):
     return _restore_tiny(tmp_path)
 
 
+def _unfinished_run(tmp_path):
+    """A workdir whose config.json (as training writes it) asks for more steps than it has."""
+    config = default_config()
+    config.train.steps = 100
+    (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    _write_checkpoint(tmp_path, _tiny_variables())
+    return _restore_tiny(tmp_path)
+
+
 def _resume_other_model(tmp_path):
     """Resuming a workdir after config.model.name changed."""
     config = default_config()
@@ -982,6 +991,14 @@ CHECKPOINT_CASES = [
         _no_batch_stats,
         ValueError,
         r"\(config\.init_from\) has no \['batch_stats'\]",
+    ),
+    Refused(
+        "init_from_unfinished_run",
+        "`config.init_from` naming a run stopped (or still training) before its steps",
+        "ValueError giving the step reached: finish that run first",
+        _unfinished_run,
+        ValueError,
+        r"init_from=.* is an unfinished run: its newest checkpoint is step 0 of the 100",
     ),
     Refused(
         "resume_with_other_model",

@@ -5,6 +5,7 @@ parameters among them, without knowing any method.
 """
 
 import errno
+import json
 import logging
 import os
 import time
@@ -194,6 +195,7 @@ def restore_variables(
             "that model first (see its config's docstring), point the field at a "
             f"finished run's workdir, or set --{field}='' to do without it"
         )
+    _check_finished(workdir, step, field)
     source = f"the checkpoint of step {step} in {directory} ({field})"
     with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as manager:
         stored = dict(manager.item_metadata(step))
@@ -216,6 +218,27 @@ def restore_variables(
         )
         restored = manager.restore(step, args=ocp.args.StandardRestore(target))
     return {name: restored[name] for name in ("params", "batch_stats")}
+
+
+def _check_finished(workdir: str, step: int, field: str) -> None:
+    """Refuses a run whose newest checkpoint comes before the steps its config.json asks for.
+
+    Such a run was stopped, or is still training: starting from it would silently start
+    from an intermediate model. A workdir without config.json (not written by
+    `train_and_evaluate`) is taken as it is.
+    """
+    config_file = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_file):
+        return
+    with open(config_file) as f:
+        steps = json.load(f).get("train", {}).get("steps")
+    if isinstance(steps, int) and step < steps:
+        raise ValueError(
+            f"{field}={workdir!r} is an unfinished run: its newest checkpoint is step {step} "
+            f"of the {steps} its config.json asks for (it was stopped, or is still "
+            "training); finish it first (python -m jaxcomp.main --config=<its config> "
+            f"--workdir={workdir} resumes it), or wait until it ends"
+        )
 
 
 def _check_same_shapes(

@@ -104,9 +104,17 @@ def plot_pareto(rows: list[dict[str, Any]], path: str, cost: str = "bytes_on_dis
             label=kind,
             zorder=3,
         )
-    for row, (size, accuracy) in zip(rows, points, strict=True):
+    # Labels alternate above and below in order of cost, so neighbours do not overlap.
+    by_cost = sorted(range(len(rows)), key=lambda i: points[i][0])
+    for rank, i in enumerate(by_cost):
+        above = rank % 2 == 0
         axis.annotate(
-            row["stage"], (size, accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            rows[i]["stage"],
+            points[i],
+            fontsize=7,
+            xytext=(4, 3 if above else -3),
+            textcoords="offset points",
+            va="bottom" if above else "top",
         )
     front = pareto_front(points)
     axis.step(

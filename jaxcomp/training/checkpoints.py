@@ -186,6 +186,11 @@ def restore_variables(
 
     Returns:
       {'params': ..., 'batch_stats': ...} as arrays.
+
+    Raises:
+      FileNotFoundError: `workdir` holds no checkpoint.
+      ValueError: the run has not reached the steps of its config.json (stopped, or
+        still training), or its variables do not fit `expected`.
     """
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     step = ocp.CheckpointManager(directory).latest_step() if os.path.isdir(directory) else None

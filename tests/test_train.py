@@ -281,11 +281,21 @@ def test_voc_config_trains_on_mock_voc(tmp_path):
 
 
 def test_first_ctrl_c_requests_a_stop_and_second_interrupts():
-    with training.StopRequest() as stop:
-        assert not stop.is_set()
-        signal.raise_signal(signal.SIGINT)
-        assert stop.is_set()
-        with pytest.raises(KeyboardInterrupt):
+    # Python's own handlers, as in a fresh `python -m jaxcomp.main`: a test worker can
+    # hold others (one run of make test found a non-raising SIGINT handler here); the
+    # worker's are put back afterwards.
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    inherited = {sig: signal.signal(sig, handler) for sig, handler in defaults.items()}
+    try:
+        with training.StopRequest() as stop:
+            assert not stop.is_set()
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            assert stop.is_set()
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        for sig, handler in defaults.items():
+            assert signal.getsignal(sig) is handler
+    finally:
+        for sig, handler in inherited.items():
+            if handler is not None:
+                signal.signal(sig, handler)

@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny embedded dataset, built once per test session."""
 
 import os
+import signal
 
 import jax
 import pytest
@@ -29,6 +30,28 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return cache_dir
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_unchanged():
+    """Fails the test that leaves a SIGINT or SIGTERM handler other than the one it found.
+
+    Handlers are per process, so under pytest-xdist a leaked one reaches whichever
+    tests the worker runs next (a non-raising SIGINT handler once made the Ctrl-C
+    test fail far from its cause).
+    """
+    signals = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    yield
+    leaked = {
+        signal.Signals(sig).name: handler
+        for sig in signals
+        if (handler := signal.getsignal(sig)) is not before[sig]
+    }
+    for sig, handler in before.items():
+        if handler is not None:  # None: installed outside Python; nothing to put back
+            signal.signal(sig, handler)
+    assert not leaked, f"the test left signal handlers {leaked} (it found {before}); restore them"
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ tiny configs, so the later ones mostly load compiled programs instead of compili
 """
 
 import pathlib
+import signal
 
 import nbformat
 import pytest
@@ -59,7 +60,13 @@ def test_notebook_runs_top_to_bottom(path, tiny_data_dir, compilation_cache, tmp
         timeout=CELL_TIMEOUT_SECONDS,
         resources={"metadata": {"path": str(REPO)}},
     )
-    client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
+    # nbclient resets SIGINT to Python's default afterwards, not to the handler it found
+    # (SIG_IGN in a test run launched in the background): put that one back.
+    inherited = signal.getsignal(signal.SIGINT)
+    try:
+        client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
     assert not [output for output in outputs if output.output_type == "error"]
     images = [output for output in outputs if "image/png" in output.get("data", {})]

@@ -281,9 +281,9 @@ def test_voc_config_trains_on_mock_voc(tmp_path):
 
 
 def test_first_ctrl_c_requests_a_stop_and_second_interrupts():
-    # Python's own handlers, as in a fresh `python -m jaxcomp.main`: a test worker can
-    # hold others (one run of make test found a non-raising SIGINT handler here); the
-    # worker's are put back afterwards.
+    # Python's own handlers, as in a fresh `python -m jaxcomp.main` started from a
+    # terminal: a test run launched in the background inherits SIGINT ignored, and then
+    # the second Ctrl-C would be ignored too. The worker's are put back afterwards.
     defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
     inherited = {sig: signal.signal(sig, handler) for sig, handler in defaults.items()}
     try:

@@ -37,8 +37,8 @@ def signal_handlers_unchanged():
     """Fails the test that leaves a SIGINT or SIGTERM handler other than the one it found.
 
     Handlers are per process, so under pytest-xdist a leaked one reaches whichever
-    tests the worker runs next (a non-raising SIGINT handler once made the Ctrl-C
-    test fail far from its cause).
+    tests the worker runs next: the notebook test's reset of SIGINT once decided
+    whether the Ctrl-C test, run later on the same worker, passed.
     """
     signals = (signal.SIGINT, signal.SIGTERM)
     before = {sig: signal.getsignal(sig) for sig in signals}

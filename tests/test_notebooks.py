@@ -60,13 +60,14 @@ def test_notebook_runs_top_to_bottom(path, tiny_data_dir, compilation_cache, tmp
         timeout=CELL_TIMEOUT_SECONDS,
         resources={"metadata": {"path": str(REPO)}},
     )
-    # nbclient resets SIGINT to Python's default afterwards, not to the handler it found
-    # (SIG_IGN in a test run launched in the background): put that one back.
-    inherited = signal.getsignal(signal.SIGINT)
+    # nbclient resets SIGINT and SIGTERM to Python's defaults afterwards, not to the
+    # handlers it found (SIGINT is SIG_IGN in a test run launched in the background).
+    inherited = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
     finally:
-        signal.signal(signal.SIGINT, inherited)
+        for sig, handler in inherited.items():
+            signal.signal(sig, handler)
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
     assert not [output for output in outputs if output.output_type == "error"]
     images = [output for output in outputs if "image/png" in output.get("data", {})]
